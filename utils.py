@@ -1,0 +1,306 @@
+"""Data, images, plots and safe file writing for CapsNet-Keras.
+
+Data arrive as `x` float32 `[n, rows, cols, channels]` in [0, 1] and `y` one-hot float32
+`[n, n_class]`, from `keras.datasets` (`mnist`, `fashion_mnist`) or from local files, so the same
+command line runs offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import math
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+KERAS_DATASETS = ("mnist", "fashion_mnist")
+# Where Debian's `dataset-fashion-mnist` package puts the IDX files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+Dataset = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe writing
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds.
+
+    A crash or an exception while writing never leaves a truncated file where a good one was.
+    The temporary name keeps the suffix (`.weights.h5`, `.keras`, `.png`) that writers check.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem.split('.')[0]}-", suffix="".join(path.suffixes),
+                               dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)  # writers such as h5py refuse to overwrite some existing files
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads an IDX file (the MNIST format), gzipped or not, into a uint8 array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise DataError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
+        shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+        array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        if array.size != math.prod(shape):
+            raise DataError(f"{path}: truncated IDX file ({array.size} values for shape {shape})")
+        return array.reshape(shape)
+    except (OSError, EOFError, struct.error) as e:
+        raise DataError(f"{path}: cannot read IDX file ({e})") from e
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"{folder}: missing {stem}.gz (a folder needs the 4 MNIST-format IDX files: "
+                    f"{', '.join(s + '.gz' for s in IDX_FILES.values())})")
+
+
+def load_idx_folder(folder: str | os.PathLike) -> Dataset:
+    """Loads a folder holding the four MNIST-format IDX files."""
+    folder = Path(folder)
+    arrays = {key: read_idx(_find_idx(folder, stem)) for key, stem in IDX_FILES.items()}
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+
+
+def load_npz(path: str | os.PathLike) -> Dataset:
+    """Loads an `.npz` in the `keras.datasets` layout: `x_train`, `y_train`, `x_test`, `y_test`."""
+    try:
+        # allow_pickle=False: a data file must never be able to run code.
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in IDX_FILES if k not in f.files]
+            if missing:
+                raise DataError(f"{path}: missing arrays {missing}; an .npz needs x_train, y_train, "
+                                "x_test and y_test")
+            arrays = {k: f[k] for k in IDX_FILES}
+    except (OSError, ValueError, EOFError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: cannot read .npz ({e}); object arrays are refused") from e
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+
+
+def _load_keras_dataset(name: str) -> Dataset:
+    import keras
+
+    try:
+        return getattr(keras.datasets, name).load_data()
+    except Exception as e:  # keras raises a bare Exception on a failed download
+        if name == "fashion_mnist" and DEBIAN_FASHION_MNIST.is_dir():
+            return load_idx_folder(DEBIAN_FASHION_MNIST)
+        raise DataError(
+            f"could not load {name} through keras.datasets ({str(e).splitlines()[0][:160]}); "
+            "without internet pass local data with --dataset PATH (a folder of the 4 MNIST-format "
+            "IDX .gz files, or an .npz with x_train, y_train, x_test, y_test)"
+        ) from e
+
+
+def _prepare_images(x: np.ndarray, where: str) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[..., np.newaxis]
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise DataError(f"{where}: images must be [n, rows, cols] or [n, rows, cols, channels], "
+                        f"got shape {x.shape}")
+    if x.dtype == np.uint8:
+        return x.astype("float32") / 255.0
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DataError(f"{where}: images must be numbers, got dtype {x.dtype}")
+    x = x.astype("float32")
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: images contain NaN or inf values")
+    if x.min() < 0 or x.max() > 1:
+        raise DataError(f"{where}: float images must lie in [0, 1] (got {x.min():g}..{x.max():g}); "
+                        "scale them or save them as uint8")
+    return x
+
+
+def _prepare_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] > 1:  # already one-hot
+        if not np.isfinite(y).all() or not np.isin(y, (0, 1)).all() or not (y.sum(1) == 1).all():
+            raise DataError(f"{where}: 2-D labels must be one-hot rows of 0 and 1")
+        y = y.argmax(1)
+    y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+    if y.ndim != 1:
+        raise DataError(f"{where}: labels must be [n] class indices or [n, n_class] one-hot, "
+                        f"got shape {y.shape}")
+    if len(y) != n:
+        raise DataError(f"{where}: {n} images but {len(y)} labels")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.isfinite(y).all() or (y != np.round(y)).any():
+            raise DataError(f"{where}: labels must be whole class numbers (found NaN or fractions)")
+    y = y.astype("int64")
+    if y.min() < 0:
+        raise DataError(f"{where}: labels must be >= 0, found {y.min()}")
+    return y
+
+
+def prepare(data: Dataset, source: str = "dataset") -> Dataset:
+    """Checks raw arrays and returns `x` float32 `[n, rows, cols, channels]`, `y` one-hot float32.
+
+    Raises:
+        DataError: naming the problem (shapes, lengths, NaNs, label range).
+    """
+    (x_train, y_train), (x_test, y_test) = data
+    x_train = _prepare_images(np.asarray(x_train), f"{source}: x_train")
+    x_test = _prepare_images(np.asarray(x_test), f"{source}: x_test")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"{source}: train images are {x_train.shape[1:]} but test images are "
+                        f"{x_test.shape[1:]}")
+    y_train = _prepare_labels(np.asarray(y_train), len(x_train), f"{source}: y_train")
+    y_test = _prepare_labels(np.asarray(y_test), len(x_test), f"{source}: y_test")
+    n_class = int(y_train.max()) + 1
+    if n_class < 2:
+        raise DataError(f"{source}: need at least 2 classes, found {n_class}")
+    if y_test.max() >= n_class:
+        raise DataError(f"{source}: test label {y_test.max()} is out of range (training labels "
+                        f"are 0..{n_class - 1})")
+    eye = np.eye(n_class, dtype="float32")
+    return (x_train, eye[y_train]), (x_test, eye[y_test])
+
+
+def load_dataset(spec: str = "mnist") -> Dataset:
+    """Loads `mnist`, `fashion_mnist`, a folder of IDX files or an `.npz`, and checks it.
+
+    Returns:
+        `(x_train, y_train), (x_test, y_test)`: images float32 `[n, rows, cols, channels]` in
+        [0, 1], labels one-hot float32 `[n, n_class]`.
+
+    Raises:
+        DataError: the data cannot be found, read or used; the message says why.
+    """
+    path = Path(spec).expanduser()
+    if spec in KERAS_DATASETS and not path.exists():
+        raw = _load_keras_dataset(spec)
+    elif path.is_dir():
+        raw = load_idx_folder(path)
+    elif path.is_file() and path.suffix == ".npz":
+        raw = load_npz(path)
+    elif path.exists():
+        raise DataError(f"--dataset {spec}: expected a folder of IDX files or an .npz file")
+    else:
+        raise DataError(f"--dataset {spec}: no such file or folder (use mnist, fashion_mnist, a "
+                        "folder of the 4 MNIST-format IDX .gz files, or an .npz)")
+    return prepare(raw, source=spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images and plots
+# ---------------------------------------------------------------------------------------------
+
+
+def combine_images(
+    generated_images: np.ndarray, height: int | None = None, width: int | None = None
+) -> np.ndarray:
+    """Tiles images row by row into one picture.
+
+    Args:
+        generated_images: `[n, rows, cols]` or `[n, rows, cols, channels]`.
+        height, width: the grid in tiles; by default as square as possible.
+
+    Returns:
+        `[height * rows, width * cols]` (or `[..., channels]` for colour images).
+    """
+    images = np.asarray(generated_images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    num = images.shape[0]
+    if width is None and height is None:
+        width = int(math.sqrt(num))
+        height = int(math.ceil(float(num) / width))
+    elif width is not None and height is None:
+        height = int(math.ceil(float(num) / width))
+    elif height is not None and width is None:
+        width = int(math.ceil(float(num) / height))
+    rows, cols = images.shape[1:3]
+    image = np.zeros((height * rows, width * cols) + images.shape[3:], dtype=images.dtype)
+    for index, img in enumerate(images[: height * width]):
+        i, j = divmod(index, width)
+        image[i * rows : (i + 1) * rows, j * cols : (j + 1) * cols] = img
+    return image
+
+
+def save_image(image: np.ndarray, path: str | os.PathLike) -> None:
+    """Saves a [0, 1] float image (`[h, w]` or `[h, w, 3]`) as an 8-bit PNG, atomically."""
+    from PIL import Image
+
+    pixels = np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+
+
+def plot_log(filename: str | os.PathLike, show: bool = False) -> str:
+    """Plots the loss and accuracy columns of a `log.csv`; writes `log.png` beside it.
+
+    Returns:
+        the path of the PNG.
+    """
+    import matplotlib
+
+    if not show:
+        matplotlib.use("Agg")  # never open a window, so headless machines work
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    log = pd.read_csv(filename)
+    fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(5, 8))
+    for column in log.columns:
+        if column.endswith("loss"):
+            ax_loss.plot(log["epoch"], log[column], label=column)
+        elif column.endswith("accuracy"):
+            ax_acc.plot(log["epoch"], log[column], label=column)
+    ax_loss.set_title("Training loss")
+    ax_acc.set_title("Training and validation accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    out = str(Path(filename).with_name("log.png"))
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    if show:
+        plt.show()
+    plt.close(fig)
+    return out
