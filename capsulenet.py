@@ -19,13 +19,17 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +56,7 @@ class UserError(Exception):
     """A problem with the user's flags or files: printed as one line, exit code 2."""
 
 
-class TrainingDiverged(Exception):
+class TrainingDivergedError(Exception):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
@@ -176,7 +180,7 @@ def _load_keras_file(model: keras.Model, path: str) -> None:
         saved = keras.saving.load_model(path, compile=False, safe_mode=True)
     except ValueError as e:
         if "Lambda" in str(e) or "safe_mode" in str(e):
-            raise UserError(f"{path}: refused, the model contains a Lambda layer (arbitrary code); "
+            raise UserError(f"-w {path}: refused, the model contains a Lambda layer (arbitrary code); "
                             "only models made of registered layers are loaded") from e
         raise
     for layer in model.layers:
@@ -220,25 +224,41 @@ def load_weights(model: keras.Model, path: str) -> str:
     if not os.access(path, os.R_OK):
         raise UserError(f"-w {path}: file is not readable")
     try:
-        if path.endswith(".keras"):
-            _load_keras_file(model, path)
-        elif path.endswith(".weights.h5") or (path.endswith((".h5", ".hdf5"))
-                                               and not _is_legacy_h5(path)):
-            with tempfile.TemporaryDirectory() as tmp:
-                # Keras 3 reads its own format only under a .weights.h5 name.
-                alias = os.path.join(tmp, "w.weights.h5")
-                os.symlink(os.path.abspath(path), alias)
-                model.load_weights(alias)
-        elif path.endswith((".h5", ".hdf5")):
-            model.load_weights(path)  # legacy Keras 2 HDF5, matched by topology
-        else:
-            raise UserError(f"-w {path}: unknown weights format; use .weights.h5, .keras or .h5")
+        with warnings.catch_warnings():
+            # Keras warns about containers it matches by topology; the outcome is checked instead.
+            warnings.simplefilter("ignore")
+            _load_by_format(model, path)
     except UserError:
         raise
     except Exception as e:  # h5py, zipfile and Keras raise many types for broken or foreign files
-        reason = " ".join(str(e).split())[:300] or type(e).__name__
-        raise UserError(f"-w {path}: cannot be loaded into this model ({reason})") from e
+        raise UserError(f"-w {path}: cannot be loaded into this model ({_load_error(e)})") from e
     return path
+
+
+def _load_by_format(model: keras.Model, path: str) -> None:
+    if path.endswith(".keras"):
+        _load_keras_file(model, path)
+    elif path.endswith(".weights.h5") or (path.endswith((".h5", ".hdf5")) and not _is_legacy_h5(path)):
+        with tempfile.TemporaryDirectory() as tmp:
+            # Keras 3 reads its own format only under a .weights.h5 name.
+            alias = os.path.join(tmp, "w.weights.h5")
+            os.symlink(os.path.abspath(path), alias)
+            model.load_weights(alias)
+    elif path.endswith((".h5", ".hdf5")):
+        model.load_weights(path)  # legacy Keras 2 HDF5, matched by topology
+    else:
+        raise UserError(f"-w {path}: unknown weights format; use .weights.h5, .keras or .h5")
+
+
+def _load_error(error: Exception) -> str:
+    """The useful part of a weight-loading error, on one line."""
+    text = " ".join(str(error).split())
+    shapes = re.search(r"name=([\w.-]+).*?variable\.shape=(\([^)]*\)).*?value\.shape=(\([^)]*\))",
+                       text)
+    if shapes:
+        layer, expected, found = shapes.groups()
+        return f"layer {layer} needs weights of shape {expected}, the file holds {found}"
+    return text[:300] or type(error).__name__
 
 
 def save_weights(model: keras.Model, path: str | os.PathLike) -> None:
@@ -374,7 +394,7 @@ class Trainer:
             scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
         variables = self.model.trainable_variables
         grads = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        self.optimizer.apply_gradients(zip(grads, variables, strict=False))
         return [ops.sum(t) for t in (total, margin, mse, correct)]
 
     def _replica_eval_step(self, x: Any, y: Any) -> list[Any]:
@@ -399,7 +419,7 @@ class Trainer:
             eval_dataset(x, y, self.args.batch_size))
         for xb, yb in dataset:
             sums += [float(v) for v in self.eval_step(xb, yb)]
-        return dict(zip(TRAIN_SUMS, sums / len(x)))
+        return dict(zip(TRAIN_SUMS, sums / len(x), strict=False))
 
     def run_epoch(self, x: Any, y: Any, epoch: int, seed: int) -> dict[str, float]:
         steps = int(x.shape[0]) // self.args.batch_size
@@ -411,10 +431,10 @@ class Trainer:
         for step, (xb, yb) in enumerate(batches, start=1):
             values = np.array([float(v) for v in self.train_step(xb, yb)])
             if not np.isfinite(values).all():
-                raise TrainingDiverged(f"loss became {values[0]} at epoch {epoch + 1}, step {step}")
+                raise TrainingDivergedError(f"loss became {values[0]} at epoch {epoch + 1}, step {step}")
             sums += values
-            progbar.update(step, list(zip(TRAIN_SUMS, sums / (step * self.args.batch_size))))
-        return dict(zip(TRAIN_SUMS, sums / (steps * self.args.batch_size)))
+            progbar.update(step, list(zip(TRAIN_SUMS, sums / (step * self.args.batch_size), strict=False)))
+        return dict(zip(TRAIN_SUMS, sums / (steps * self.args.batch_size), strict=False))
 
     def learning_rate(self) -> float:
         rate = self.optimizer.learning_rate
@@ -429,7 +449,8 @@ class Trainer:
         tf = self.tf
         x_train, y_train = (tf.constant(a) for a in train_data)
         x_valid, y_valid = valid_data
-        self.optimizer.build(self.model.trainable_variables)
+        with self.strategy.scope():  # the optimizer's slots are mirrored like the weights
+            self.optimizer.build(self.model.trainable_variables)
         state = self._restore()
         log = self._read_log(state.epoch)
         writer = (tf.summary.create_file_writer(str(self.save_dir / "tensorboard-logs"))
@@ -442,7 +463,7 @@ class Trainer:
             row = self.run_epoch(x_train, y_train, epoch, state.seed)
             row.update({f"val_{k}": v for k, v in self.evaluate(x_valid, y_valid).items()})
             if not np.isfinite(row["val_loss"]):
-                raise TrainingDiverged(f"validation loss became {row['val_loss']} at epoch {epoch + 1}")
+                raise TrainingDivergedError(f"validation loss became {row['val_loss']} at epoch {epoch + 1}")
             row = {"epoch": epoch, **row, "learning_rate": learning_rate}
             if self.is_chief:
                 print(" - ".join([f"{time.perf_counter() - start:.0f}s"]
@@ -737,8 +758,12 @@ def build_models(args: argparse.Namespace, data: tuple, steps_per_epoch: int) ->
 
 
 def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True,
-        test_after_training: bool = False, backup_dir: str | None = None) -> None:
-    """Trains (then tests if `test_after_training`), or only tests with `-t`: both scripts' body."""
+        test_after_training: bool = False, backup_dir: str | None = None,
+        on_model: Callable[[keras.Model], None] | None = None) -> None:
+    """Trains (then tests if `test_after_training`), or only tests with `-t`: both scripts' body.
+
+    `on_model(train_model)` runs on the chief once the model is built (e.g. to draw `model.png`).
+    """
     import tensorflow as tf
 
     data = setup(args)
@@ -748,6 +773,8 @@ def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True,
         model, eval_model, manipulate_model = build_models(args, data, steps_per_epoch)
     if is_chief:
         model.summary()
+        if on_model is not None:
+            on_model(model)
     if args.weights is not None:
         loaded = load_weights(model, args.weights)
         print(f"Loaded weights from {loaded}")
@@ -771,12 +798,14 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
          runner: Callable[[argparse.Namespace], None] = run) -> int:
     """Parses `argv`, runs, and turns user errors into one line and an exit code."""
     args = (parser or build_parser()).parse_args(argv)
+    # A polite kill (SIGTERM) ends like Ctrl-C: a message, and the last completed epoch kept.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         runner(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except TrainingDiverged as e:
+    except TrainingDivergedError as e:
         print(f"error: training stopped, {e}; the last good checkpoint and backup in "
               f"{args.save_dir} are untouched", file=sys.stderr)
         return EXIT_DIVERGED
@@ -784,7 +813,14 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         print(f"\ninterrupted: rerun the same command to resume from the last completed epoch "
               f"(state in {args.save_dir}/{BACKUP_DIR})", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk or a vanished folder: say which file, keep the good ones
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

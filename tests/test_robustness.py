@@ -1,0 +1,398 @@
+"""Failures are cheap and clear: resume, atomic writes, input checks, seeds, NaN stops, safe loading."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import capsulenet
+import utils
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_npz(path: Path, n_train: int = 120, n_test: int = 40, n_class: int = 10, seed: int = 0,
+             **overrides: np.ndarray) -> Path:
+    """A small learnable dataset: each class is a bright square at its own place."""
+    rng = np.random.default_rng(seed)
+
+    def images(labels: np.ndarray) -> np.ndarray:
+        x = rng.integers(0, 40, size=(len(labels), 28, 28), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            row, col = divmod(int(label), 4)
+            x[i, 2 + 6 * row : 8 + 6 * row, 2 + 6 * col : 8 + 6 * col] = 255
+        return x
+
+    y_train = np.arange(n_train) % n_class
+    y_test = np.arange(n_test) % n_class
+    arrays = {"x_train": images(y_train), "y_train": y_train, "x_test": images(y_test), "y_test": y_test}
+    arrays.update(overrides)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_npz(tmp_path_factory.mktemp("data") / "tiny.npz")
+
+
+@pytest.fixture(scope="module")
+def five_class_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _, eval_model, _ = capsulenet.CapsNet((28, 28, 1), 5, 3)
+    path = tmp_path_factory.mktemp("w") / "five.weights.h5"
+    eval_model.save_weights(path)
+    return path
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    code = capsulenet.main(argv)
+    return code, capsys.readouterr().err
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "capsulenet.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags are checked before any long work
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--batch_size", "0"], "--batch_size"),
+        (["-r", "0"], "--routings"),
+        (["--routings", "-2"], "--routings"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "-0.1"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr_decay", "0"], "--lr_decay"),
+        (["--lr_decay", "1.5"], "--lr_decay"),
+        (["--lam_recon", "-1"], "--lam_recon"),
+        (["--shift_fraction", "0.5"], "--shift_fraction"),
+        (["--shift_fraction", "-0.1"], "--shift_fraction"),
+        (["--digit", "-1"], "--digit"),
+        (["--seed", "-1"], "--seed"),
+    ],
+)
+def test_bad_flag_is_one_line_exit_2(argv: list[str], flag: str, npz: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    code, err = run_main([*argv, "--dataset", str(npz), "--save_dir", str(tmp_path)], capsys)
+    assert code == capsulenet.EXIT_BAD_INPUT
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0]
+    assert "must be" in lines[0]
+
+
+def test_digit_outside_the_classes(npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = run_main(["-t", "--digit", "10", "--dataset", str(npz), "--save_dir", str(tmp_path)],
+                         capsys)
+    assert code == 2 and "--digit 10" in err and "0..9" in err
+
+
+def test_gpus_must_be_positive(tmp_path: Path) -> None:
+    args = capsulenet.build_parser().parse_args(["--save_dir", str(tmp_path)])
+    args.gpus = 0
+    with pytest.raises(capsulenet.UserError, match="--gpus 0: must be >= 1"):
+        capsulenet.validate_args(args)
+
+
+def test_unwritable_save_dir(npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, err = run_main(["--dataset", str(npz), "--save_dir", str(blocker / "out")], capsys)
+    assert code == 2 and "--save_dir" in err and "not writable" in err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_missing_weights_file(npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = run_main(["-t", "-w", str(tmp_path / "nope.h5"), "--dataset", str(npz),
+                          "--save_dir", str(tmp_path)], capsys)
+    assert code == 2 and "nope.h5: no such file" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights files that do not fit are refused with the file and the reason
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad_weights(kind: str, tmp_path: Path, five_class_weights: Path) -> tuple[Path, str]:
+    if kind == "classes":
+        return five_class_weights, "digitcaps needs weights of shape (10, 1152, 16, 8)"
+    if kind == "truncated":
+        path = tmp_path / "cut.weights.h5"
+        path.write_bytes(five_class_weights.read_bytes()[:50_000])
+        return path, "cannot be loaded"
+    if kind == "garbage":
+        path = tmp_path / "junk.weights.h5"
+        path.write_bytes(os.urandom(4096))
+        return path, "cannot be loaded"
+    if kind == "format":
+        path = tmp_path / "weights.pkl"
+        path.write_bytes(b"\x80\x04")
+        return path, "unknown weights format"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["classes", "truncated", "garbage", "format"])
+def test_bad_weights_file(kind: str, npz: Path, tmp_path: Path, five_class_weights: Path,
+                          capsys: pytest.CaptureFixture) -> None:
+    path, reason = _bad_weights(kind, tmp_path, five_class_weights)
+    before = path.read_bytes()
+    code, err = run_main(["-t", "-w", str(path), "--dataset", str(npz), "--save_dir", str(tmp_path)],
+                         capsys)
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: -w ") and str(path) in line and reason in line
+    assert "Traceback" not in err
+    assert path.read_bytes() == before  # the user's file is never touched
+
+
+def test_wrong_input_shape_weights(tmp_path: Path) -> None:
+    _, eval_model, _ = capsulenet.CapsNet((32, 32, 1), 10, 3)
+    path = tmp_path / "big.weights.h5"
+    eval_model.save_weights(path)
+    model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, 3)
+    with pytest.raises(capsulenet.UserError, match=r"digitcaps needs weights of shape \(10, 1152, 16, 8\)"):
+        capsulenet.load_weights(model, str(path))
+
+
+def test_keras_file_with_lambda_is_refused(tmp_path: Path) -> None:
+    x = keras.Input((28, 28, 1))
+    marker = tmp_path / "executed"
+    # If this function ever ran during loading, the marker file would appear.
+    # Built from source so it closes over nothing (Keras serializes a lambda's closure).
+    touch = eval(f"lambda t: (open({str(marker)!r}, 'w').write('ran'), t * 2)[1]")  # noqa: S307
+    y = keras.layers.Lambda(touch, name="conv1")(x)
+    path = tmp_path / "evil.keras"
+    keras.Model(x, y).save(path)
+    marker.unlink(missing_ok=True)
+    model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, 3)
+    with pytest.raises(capsulenet.UserError, match="refused, the model contains a Lambda layer"):
+        capsulenet.load_weights(model, str(path))
+    assert not marker.exists()
+
+
+def test_no_pickle_loading_in_the_project() -> None:
+    sources = [p for p in REPO.rglob("*.py") if "tests" not in p.parts and ".venv" not in p.parts]
+    assert sources
+    for path in sources:
+        text = path.read_text()
+        assert "allow_pickle=True" not in text, path
+        assert "safe_mode=False" not in text, path
+        assert "enable_unsafe_deserialization" not in text, path
+
+
+# ---------------------------------------------------------------------------------------------
+# Local datasets are checked
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"x_train": np.zeros((120, 28), np.uint8)}, "images must be"),
+        ({"y_train": np.arange(119) % 10}, "120 images but 119 labels"),
+        ({"y_test": np.full(40, 12)}, "test label 12 is out of range"),
+        ({"y_train": -(np.arange(120) % 10)}, "labels must be >= 0"),
+        ({"x_test": np.full((40, 28, 28), np.nan, np.float32)}, "NaN"),
+        ({"x_test": np.full((40, 28, 28), 7.0, np.float32)}, "must lie in [0, 1]"),
+        ({"x_test": np.zeros((40, 30, 30), np.uint8)}, "train images are (28, 28, 1) but test images are"),
+        ({"y_train": np.full(120, 0.5)}, "whole class numbers"),
+        ({"y_train": np.array([object()] * 120)}, "object arrays are refused"),
+    ],
+)
+def test_bad_local_dataset(overrides: dict, reason: str, tmp_path: Path) -> None:
+    if overrides.get("y_train") is not None and overrides["y_train"].dtype == object:
+        path = tmp_path / "pickled.npz"
+        np.savez(path, x_train=np.zeros((120, 28, 28), np.uint8), y_train=overrides["y_train"],
+                 x_test=np.zeros((40, 28, 28), np.uint8), y_test=np.arange(40) % 10)
+    else:
+        path = make_npz(tmp_path / "bad.npz", **overrides)
+    with pytest.raises(utils.DataError) as info:
+        utils.load_dataset(str(path))
+    assert reason in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_dataset_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = make_npz(tmp_path / "bad.npz", y_train=np.arange(119) % 10)
+    code, err = run_main(["--dataset", str(path), "--save_dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and "120 images but 119 labels" in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_idx_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "data").mkdir()
+    code, err = run_main(["--dataset", str(tmp_path / "data"), "--save_dir", str(tmp_path)], capsys)
+    assert code == 2 and "missing train-images-idx3-ubyte.gz" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_crash_during_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, eval_model, _ = capsulenet.CapsNet((28, 28, 1), 10, 1)
+    path = tmp_path / "trained_model.weights.h5"
+    capsulenet.save_weights(eval_model, path)
+    good = path.read_bytes()
+
+    def crash(self: keras.Model, filepath: str, *args: object, **kwargs: object) -> None:
+        with open(filepath, "wb") as f:
+            f.write(good[: len(good) // 3])  # half-written, then the disk fills up
+        raise OSError(28, "No space left on device", filepath)
+
+    monkeypatch.setattr(keras.Model, "save_weights", crash)
+    with pytest.raises(OSError, match="No space left"):
+        capsulenet.save_weights(eval_model, path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trained_model.weights.h5"]
+
+
+def test_crash_during_image_save_keeps_the_old_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "real_and_recon.png"
+    utils.save_image(np.zeros((28, 28)), path)
+    good = path.read_bytes()
+    from PIL import Image
+
+    def crash(self: Image.Image, fp: str, *args: object, **kwargs: object) -> None:
+        Path(fp).write_bytes(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", crash)
+    with pytest.raises(OSError):
+        utils.save_image(np.ones((28, 28)), path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["real_and_recon.png"]
+
+
+def test_resume_trims_log_rows_beyond_the_backup(tmp_path: Path) -> None:
+    pd.DataFrame({"epoch": [0, 1, 2], "loss": [3.0, 2.0, 1.0]}).to_csv(tmp_path / "log.csv", index=False)
+    trainer = capsulenet.Trainer.__new__(capsulenet.Trainer)  # only the log reader is needed
+    trainer.save_dir = tmp_path
+    assert trainer._read_log(completed=2)["epoch"].tolist() == [0, 1]
+    assert trainer._read_log(completed=0).empty
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN stops training, the good checkpoint stays
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(npz: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    original = capsulenet.Trainer.run_epoch
+    saved: dict[str, bytes] = {}
+
+    def poisoned(self: capsulenet.Trainer, x: object, y: object, epoch: int, seed: int) -> dict:
+        if epoch == 1:
+            saved["best"] = (tmp_path / "weights-01.weights.h5").read_bytes()
+            saved["state"] = (tmp_path / "backup" / "state.json").read_bytes()
+            real_step = self.train_step
+            self.train_step = lambda xb, yb: [v * np.nan for v in real_step(xb, yb)]
+        return original(self, x, y, epoch, seed)
+
+    monkeypatch.setattr(capsulenet.Trainer, "run_epoch", poisoned)
+    code = capsulenet.main(["--dataset", str(npz), "--save_dir", str(tmp_path), "--epochs", "3",
+                            "--batch_size", "40", "--seed", "1", "-r", "1"])
+    err = capsys.readouterr().err
+    assert code == capsulenet.EXIT_DIVERGED
+    assert "loss became nan at epoch 2, step 1" in err
+    assert (tmp_path / "weights-01.weights.h5").read_bytes() == saved["best"]
+    assert (tmp_path / "backup" / "state.json").read_bytes() == saved["state"]
+    assert pd.read_csv(tmp_path / "log.csv")["epoch"].tolist() == [0]
+    assert not (tmp_path / "trained_model.weights.h5").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume after SIGKILL, and repeatable runs
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_FLAGS = ["--epochs", "3", "--batch_size", "30", "--seed", "5", "-r", "1"]
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
+def _killed_mid_epoch(args: list[str], save_dir: Path, after_epochs: int) -> None:
+    """Starts training, waits until `after_epochs` epochs are backed up and the next has begun, then
+    SIGKILLs it."""
+    state = save_dir / "backup" / "state.json"
+    proc = subprocess.Popen([sys.executable, str(REPO / "capsulenet.py"), *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state.exists() and f'"epoch": {after_epochs}' in state.read_text():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(1.0)  # inside the next epoch
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(npz: Path, tmp_path: Path) -> None:
+    straight, again, resumed = tmp_path / "straight", tmp_path / "again", tmp_path / "resumed"
+    for save_dir in (straight, again):
+        done = cli(*TRAIN_FLAGS, "--dataset", str(npz), "--save_dir", str(save_dir))
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    # Same seed, same machine: the same log (to float tolerance).
+    log_a, log_b = pd.read_csv(straight / "log.csv"), pd.read_csv(again / "log.csv")
+    assert list(log_a.columns) == list(log_b.columns)
+    np.testing.assert_allclose(log_a.to_numpy(), log_b.to_numpy(), rtol=1e-4, atol=1e-6)
+
+    args = [*TRAIN_FLAGS, "--dataset", str(npz), "--save_dir", str(resumed)]
+    _killed_mid_epoch(args, resumed, after_epochs=1)
+    assert pd.read_csv(resumed / "log.csv")["epoch"].tolist() == [0]
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Resuming after epoch 1" in done.stdout
+
+    log_r = pd.read_csv(resumed / "log.csv")
+    assert log_r["epoch"].tolist() == [0, 1, 2]
+    np.testing.assert_allclose(log_r.to_numpy(), log_a.to_numpy(), rtol=1e-4, atol=1e-6)
+    final_a, final_r = _weights(straight / "trained_model.weights.h5"), _weights(
+        resumed / "trained_model.weights.h5")
+    assert final_a.keys() == final_r.keys()
+    for name in final_a:
+        np.testing.assert_allclose(final_r[name], final_a[name], rtol=1e-3, atol=1e-5, err_msg=name)
+    assert not (resumed / "backup").exists()  # a finished run leaves no backup behind
+
+
+@pytest.mark.slow
+def test_resume_with_other_flags_is_refused(npz: Path, tmp_path: Path) -> None:
+    args = [*TRAIN_FLAGS, "--dataset", str(npz), "--save_dir", str(tmp_path)]
+    _killed_mid_epoch(args, tmp_path, after_epochs=1)
+    done = cli(*[a if a != "30" else "20" for a in args])
+    assert done.returncode == 2
+    assert "--batch_size was 30, now 20" in done.stderr
+    assert (tmp_path / "backup" / "state.json").exists()
