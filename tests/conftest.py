@@ -1,0 +1,126 @@
+"""Shared fixtures: the repository on `sys.path`, real Fashion-MNIST (read here with our own IDX
+reader, independent of `utils.read_idx`) and small local datasets in both formats that
+`--dataset` accepts (an `.npz` in the keras layout and a folder of four IDX `.gz` files)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+# The product modules (capsulenet, capsulelayers, utils) and this folder's helpers (reference,
+# conftest) import by bare name, whatever pytest's import mode.
+for folder in (REPO_ROOT, TESTS_DIR):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+IDX_NAMES = {
+    "x_train": "train-images-idx3-ubyte.gz",
+    "y_train": "train-labels-idx1-ubyte.gz",
+    "x_test": "t10k-images-idx3-ubyte.gz",
+    "y_test": "t10k-labels-idx1-ubyte.gz",
+}
+SMALL_TRAIN = 300
+SMALL_TEST = 100
+
+RawData = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def read_idx_gz(path: Path) -> np.ndarray:
+    """Reads a gzipped unsigned-byte IDX file: magic `00 00 08 ndim`, ndim big-endian sizes, data."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    assert raw[:3] == b"\x00\x00\x08", f"{path}: not an unsigned-byte IDX file"
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def write_idx_gz(path: Path, array: np.ndarray) -> None:
+    """Writes a uint8 array as a gzipped IDX file."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def fashion_available() -> bool:
+    """Whether the Debian `dataset-fashion-mnist` files are installed."""
+    return all((FASHION_DIR / name).is_file() for name in IDX_NAMES.values())
+
+
+@pytest.fixture(scope="session")
+def fashion_raw() -> RawData:
+    """The full real Fashion-MNIST as uint8 images `[n, 28, 28]` and integer labels `[n]`."""
+    if not fashion_available():
+        pytest.skip(f"Fashion-MNIST IDX files not found in {FASHION_DIR} "
+                    "(apt-get install -y dataset-fashion-mnist)")
+    arrays = {key: read_idx_gz(FASHION_DIR / name) for key, name in IDX_NAMES.items()}
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+
+
+def synthetic_raw(n_train: int, n_test: int, seed: int = 0) -> RawData:
+    """Learnable stand-in for Fashion-MNIST: class k is a bright 8x8 square at position k, plus noise."""
+    rng = np.random.default_rng(seed)
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % 10
+        x = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+        for index, k in enumerate(y):
+            row, col = divmod(int(k), 5)
+            x[index, 2 + 12 * row : 10 + 12 * row, 1 + 5 * col : 9 + 5 * col] = 255
+        return x, y.astype(np.uint8)
+
+    return make(n_train), make(n_test)
+
+
+@pytest.fixture(scope="session")
+def small_raw() -> RawData:
+    """300 training and 100 test images (real Fashion-MNIST if installed, else synthetic)."""
+    if not fashion_available():
+        return synthetic_raw(SMALL_TRAIN, SMALL_TEST)
+    arrays = {key: read_idx_gz(FASHION_DIR / name) for key, name in IDX_NAMES.items()}
+    return ((arrays["x_train"][:SMALL_TRAIN], arrays["y_train"][:SMALL_TRAIN]),
+            (arrays["x_test"][:SMALL_TEST], arrays["y_test"][:SMALL_TEST]))
+
+
+@pytest.fixture(scope="session")
+def small_npz(small_raw: RawData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`small_raw` as an `.npz` in the `keras.datasets` layout."""
+    (x_train, y_train), (x_test, y_test) = small_raw
+    path = tmp_path_factory.mktemp("npz") / "small.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_idx_dir(small_raw: RawData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`small_raw` as a folder of the four MNIST-format IDX `.gz` files."""
+    (x_train, y_train), (x_test, y_test) = small_raw
+    folder = tmp_path_factory.mktemp("idx")
+    arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    for key, name in IDX_NAMES.items():
+        write_idx_gz(folder / name, arrays[key])
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _restore_dtype_policy() -> Iterator[None]:
+    """Puts back Keras' global dtype policy after each test (`--mixed_precision` changes it), so
+    that no test builds its models under another test's policy."""
+    import keras
+
+    policy = keras.mixed_precision.global_policy()
+    yield
+    keras.mixed_precision.set_global_policy(policy)
