@@ -187,18 +187,27 @@ def agree_on_seed(strategy: Any, seed: int | None, is_chief: bool) -> int:
     return sum_over_workers(strategy, [seed if is_chief else 0])[0]
 
 
-def check_resume_points(strategy: Any, backup_dir: Path) -> None:
-    """Refuses to start when the workers' backups end at different epochs (a crash between their
-    writes): they would run different numbers of steps and wait for each other forever."""
-    try:
-        epoch = int(json.loads((backup_dir / "state.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        epoch = 0  # no backup (a damaged one is reported by the Trainer)
-    total, squares, workers = sum_over_workers(strategy, [epoch, epoch * epoch, 1])
-    if workers * squares != total * total:
-        raise UserError(f"{backup_dir}: this worker's backup ends after epoch {epoch}, another "
-                        "worker's elsewhere; delete every worker's backup folder "
+def agree_on_resume_point(strategy: Any, backup_dir: Path, epochs: int) -> None:
+    """Makes every worker resume after the same epoch: the earliest any worker backed up.
+
+    Workers stopped between their epoch-end writes can be one epoch apart; each keeps the epoch
+    before its latest, so the ahead ones roll back to it. Otherwise they would run different numbers
+    of steps and wait for each other forever.
+
+    Raises:
+        UserError: this worker no longer holds the common epoch's backup.
+    """
+    latest = min(capsulenet.backup_epoch(backup_dir), epochs)
+    counts = sum_over_workers(strategy, [int(e == latest) for e in range(epochs + 1)])
+    common = next(e for e, count in enumerate(counts) if count)
+    if common == latest:
+        return
+    if common != 0 and common not in capsulenet.backup_epochs(backup_dir):
+        raise UserError(f"{backup_dir}: this worker's backup ends after epoch {latest}, another "
+                        f"worker's after epoch {common}; delete every worker's backup folder "
                         "(save_dir/backup*) to start over")
+    print(f"Another worker's backup ends after epoch {common}: resuming from there")
+    capsulenet.rollback_backup(backup_dir, common)
 
 
 def plot_model(model: Any, save_dir: str) -> None:
@@ -275,7 +284,7 @@ def train_distributed(args: argparse.Namespace) -> None:
         return
     backup_dir = Path(args.save_dir) / task.backup_dir_name
     with peers_watched(args, task):
-        check_resume_points(strategy, backup_dir)
+        agree_on_resume_point(strategy, backup_dir, args.epochs)
         capsulenet.run(args, strategy=strategy, is_chief=is_chief, backup_dir=str(backup_dir),
                        on_model=lambda m: plot_model(m, args.save_dir))
         if is_chief:

@@ -507,15 +507,17 @@ class Trainer:
 
     def _backup(self, state: RunState) -> None:
         self.backup_dir.mkdir(parents=True, exist_ok=True)
-        # Model and optimizer state go to a file named by epoch; state.json, written last and
-        # atomically, decides which file is current, so a crash never pairs mismatched halves.
-        name = f"epoch-{state.epoch:04d}.npz"
-        with utils.atomic_path(self.backup_dir / name) as tmp:
+        # Model and optimizer state go to files named by epoch; state.json, written last and
+        # atomically, decides which is current, so a crash never pairs mismatched halves.
+        name = f"epoch-{state.epoch:04d}"
+        with utils.atomic_path(self.backup_dir / f"{name}.npz") as tmp:
             np.savez(tmp, **_trainable_state(self.model, self.optimizer))
-        state_dict = dict(state.__dict__, checkpoint=name)
-        utils.write_text_atomic(self.backup_dir / "state.json", json.dumps(state_dict, indent=1))
-        for old in self.backup_dir.glob("epoch-*.npz"):
-            if old.name != name:
+        utils.write_text_atomic(self.backup_dir / f"{name}.json", json.dumps(state.__dict__, indent=1))
+        rollback_backup(self.backup_dir, state.epoch)
+        # The epoch before stays too: workers of a multi-worker run stopped one epoch apart resume
+        # together from the earlier one.
+        for old in self.backup_dir.glob("epoch-*"):
+            if _backup_epoch(old) < state.epoch - 1:
                 old.unlink()
 
     def _restore(self) -> RunState:
@@ -551,6 +553,36 @@ class Trainer:
     def finish(self) -> None:
         """Removes the backup once the run is complete, as Keras' BackupAndRestore does."""
         shutil.rmtree(self.backup_dir, ignore_errors=True)
+
+
+def _backup_epoch(path: Path) -> int:
+    """The epoch of a backup file named `epoch-0003.npz` or `epoch-0003.json`."""
+    return int(path.name.split(".")[0].split("-")[1])
+
+
+def backup_epochs(backup_dir: str | os.PathLike) -> list[int]:
+    """The completed epochs whose weights and state are both in `backup_dir`, in order."""
+    folder = Path(backup_dir)
+    epochs = {_backup_epoch(p) for p in folder.glob("epoch-*.npz")}
+    return sorted(e for e in epochs if (folder / f"epoch-{e:04d}.json").exists())
+
+
+def backup_epoch(backup_dir: str | os.PathLike) -> int:
+    """The epoch a run in `backup_dir` resumes after; 0 without a backup."""
+    path = Path(backup_dir) / "state.json"
+    return int(json.loads(path.read_text())["epoch"]) if path.exists() else 0
+
+
+def rollback_backup(backup_dir: str | os.PathLike, epoch: int) -> None:
+    """Makes the backup of `epoch` (one of `backup_epochs`) the one a run resumes from; epoch 0 removes
+    the backup, so the run starts over."""
+    folder = Path(backup_dir)
+    if epoch == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    state = json.loads((folder / f"epoch-{epoch:04d}.json").read_text())
+    state["checkpoint"] = f"epoch-{epoch:04d}.npz"
+    utils.write_text_atomic(folder / "state.json", json.dumps(state, indent=1))
 
 
 def _trainable_state(model: keras.Model, optimizer: Any) -> dict[str, np.ndarray]:

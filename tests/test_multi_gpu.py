@@ -373,3 +373,42 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--equivalence", nargs=2, metavar=("OUT_JSON", "DATASET"), required=True)
     equivalence_main(*parser.parse_args().equivalence)
+
+
+@pytest.mark.parametrize(("mine", "theirs", "kept", "resumes_after"), [
+    (3, 2, [2, 3], 2),  # this worker is one epoch ahead: it rolls back
+    (2, 3, [1, 2], 2),  # another worker is ahead: nothing to do here
+    (1, 0, [1], 0),  # another worker has no backup yet: everyone starts over
+])
+def test_workers_agree_on_the_resume_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           mine: int, theirs: int, kept: list[int],
+                                           resumes_after: int) -> None:
+    module = load_script()
+    capsulenet = module.capsulenet
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for epoch in kept:  # the files a Trainer leaves: weights and state of the last two epochs
+        (backup / f"epoch-{epoch:04d}.npz").write_bytes(b"")
+        (backup / f"epoch-{epoch:04d}.json").write_text(json.dumps({"epoch": epoch}))
+    capsulenet.rollback_backup(backup, mine)
+
+    def two_workers(strategy: Any, values: list[int]) -> list[int]:
+        return [v + int(e == theirs) for e, v in enumerate(values)]
+
+    monkeypatch.setattr(module, "sum_over_workers", two_workers)
+    module.agree_on_resume_point(strategy=None, backup_dir=backup, epochs=5)
+    assert capsulenet.backup_epoch(backup) == resumes_after
+
+
+def test_workers_too_far_apart_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_script()
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for epoch in (3, 4):
+        (backup / f"epoch-{epoch:04d}.npz").write_bytes(b"")
+        (backup / f"epoch-{epoch:04d}.json").write_text(json.dumps({"epoch": epoch}))
+    module.capsulenet.rollback_backup(backup, 4)
+    monkeypatch.setattr(module, "sum_over_workers",
+                        lambda strategy, values: [v + int(e == 2) for e, v in enumerate(values)])
+    with pytest.raises(module.UserError, match="ends after epoch 4, another worker's after epoch 2"):
+        module.agree_on_resume_point(strategy=None, backup_dir=backup, epochs=5)

@@ -396,3 +396,29 @@ def test_resume_with_other_flags_is_refused(npz: Path, tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--batch_size was 30, now 20" in done.stderr
     assert (tmp_path / "backup" / "state.json").exists()
+
+
+def test_backup_keeps_two_epochs_and_rolls_back(tmp_path: Path) -> None:
+    args = capsulenet.build_parser().parse_args(["--save_dir", str(tmp_path), "--seed", "3", "-r", "1"])
+    model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, 1)
+    model.compile(optimizer=capsulenet.make_optimizer(args, steps_per_epoch=10))
+    trainer = capsulenet.Trainer(model, args)
+    trainer.optimizer.build(model.trainable_variables)
+    flags = {k: getattr(args, k) for k in capsulenet.RESUME_FLAGS}
+    bias = model.get_layer("conv1").bias
+    for epoch in (1, 2, 3):
+        bias.assign(np.full(bias.shape, float(epoch), "float32"))
+        trainer._backup(capsulenet.RunState(epoch=epoch, best=epoch / 10, seed=3, flags=flags))
+    backup = tmp_path / "backup"
+    assert capsulenet.backup_epochs(backup) == [2, 3]
+    assert capsulenet.backup_epoch(backup) == 3
+
+    capsulenet.rollback_backup(backup, 2)
+    assert capsulenet.backup_epoch(backup) == 2
+    bias.assign(np.zeros(bias.shape, "float32"))
+    state = trainer._restore()
+    assert (state.epoch, state.best, state.seed) == (2, 0.2, 3)
+    np.testing.assert_array_equal(np.asarray(bias), 2.0)
+
+    capsulenet.rollback_backup(backup, 0)  # epoch 0: start over
+    assert not backup.exists() and capsulenet.backup_epoch(backup) == 0
