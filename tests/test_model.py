@@ -295,21 +295,6 @@ def test_weights_h5_for_another_class_count_is_a_user_error(tmp_path: Path) -> N
 # ---------------------------------------------------------------------------------------------
 
 
-class RecordingModel:
-    """Stands in for the manipulate model: records each `predict` and returns image k filled
-    with the value k / 175, so the tiling of the saved grid can be checked."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[np.ndarray]] = []
-
-    def predict(self, inputs: list[np.ndarray], batch_size: int | None = None,
-                verbose: Any = "auto") -> np.ndarray:
-        self.calls.append([np.asarray(a) for a in inputs])
-        n = len(inputs[0])
-        return np.broadcast_to(np.arange(n, dtype="float32").reshape(n, 1, 1, 1) / 175,
-                               (n, *INPUT_SHAPE)).copy()
-
-
 def two_fives(tmp_path: Path) -> tuple[tuple[np.ndarray, np.ndarray], argparse.Namespace]:
     """A test set of 12 samples in which class 5 has exactly two samples (indices 3 and 7)."""
     labels = np.array([0, 1, 2, 5, 3, 4, 6, 5, 7, 8, 9, 0])
@@ -317,49 +302,48 @@ def two_fives(tmp_path: Path) -> tuple[tuple[np.ndarray, np.ndarray], argparse.N
     return (x, one_hot(labels)), argparse.Namespace(digit=5, save_dir=str(tmp_path))
 
 
-def test_manipulation_is_one_batched_predict_over_the_grid(tmp_path: Path) -> None:
-    data, args = two_fives(tmp_path)
-    model = RecordingModel()
-    capsulenet.manipulate_latent(model, data, args, rng=np.random.default_rng(0))
-    assert len(model.calls) == 1
-    x, y, noise = model.calls[0]
-    assert x.shape == (176, *INPUT_SHAPE) and y.shape == (176, 10) and noise.shape == (176, 10, 16)
-    chosen = int(round(x[0, 0, 0, 0] * 12))
-    assert chosen in (3, 7)
-    np.testing.assert_array_equal(x, np.broadcast_to(data[0][chosen], x.shape))
-    np.testing.assert_array_equal(y, np.broadcast_to(one_hot(5), y.shape))
+def test_perturbation_grid_rows_are_dimensions_and_columns_shifts() -> None:
+    noise = capsulenet.perturbation_grid(10)
+    assert noise.shape == (176, 10, 16)
     for dim in range(16):
         for col, shift in enumerate(PERTURBATIONS):
             row = noise[dim * 11 + col]
             np.testing.assert_allclose(row[:, dim], shift, atol=1e-6)
             np.testing.assert_array_equal(np.delete(row, dim, axis=1), 0.0)
-    image = Image.open(tmp_path / "manipulate-5.png")
-    assert image.size == (308, 448) and image.mode == "L"
-    pixels = np.asarray(image, dtype=float)
-    for dim in range(16):  # rows: capsule dimensions; columns: perturbations
-        for col in range(11):
-            tile = pixels[dim * 28 : (dim + 1) * 28, col * 28 : (col + 1) * 28]
-            np.testing.assert_allclose(tile, (dim * 11 + col) / 175 * 255, atol=1.0)
 
 
 @pytest.mark.parametrize("seeded", [True, False])
 def test_manipulation_can_pick_every_sample_of_the_digit(tmp_path: Path, seeded: bool) -> None:
-    data, args = two_fives(tmp_path)
+    (_, y), args = two_fives(tmp_path)
     rng = np.random.default_rng(1) if seeded else None
-    picked = set()
-    for _ in range(40):  # both of two samples appear with probability 1 - 2**-39
-        model = RecordingModel()
-        capsulenet.manipulate_latent(model, data, args, rng=rng)
-        picked.add(int(round(model.calls[0][0][0, 0, 0, 0] * 12)))
+    # Both of two samples appear in 40 draws with probability 1 - 2**-39.
+    picked = {capsulenet.pick_sample(y, args.digit, rng) for _ in range(40)}
     assert picked == {3, 7}
 
 
 def test_manipulation_of_an_absent_digit_is_a_user_error(tmp_path: Path) -> None:
-    data, args = two_fives(tmp_path)
-    args.digit = 5
-    x, y = data
+    (x, _), args = two_fives(tmp_path)
     with pytest.raises(capsulenet.UserError):
-        capsulenet.manipulate_latent(RecordingModel(), (x, one_hot(np.zeros(12, int))), args)
+        capsulenet.manipulate_latent(None, (x, one_hot(np.zeros(12, int))), args)
+
+
+def test_manipulation_equals_the_manipulate_model_on_176_copies(models: Models, tmp_path: Path) -> None:
+    """Encoding once and decoding 176 masked capsules gives what the original's manipulate model
+    gives for 176 copies of the sample, and the PNG tiles them rows = dimensions."""
+    _, _, manipulate_model = models
+    x, y = images(4, seed=21), one_hot([1, 5, 2, 3])
+    args = argparse.Namespace(digit=5, save_dir=str(tmp_path))
+    recons = capsulenet.manipulate_latent(manipulate_model, (x, y), args)
+    copies = [np.repeat(x[1:2], 176, 0), np.repeat(y[1:2], 176, 0), capsulenet.perturbation_grid(10)]
+    want = np.asarray(manipulate_model(copies))
+    np.testing.assert_allclose(recons, want, atol=1e-5)
+    image = Image.open(tmp_path / "manipulate-5.png")
+    assert image.size == (308, 448) and image.mode == "L"
+    pixels = np.asarray(image, dtype=float)
+    for dim in (0, 7, 15):
+        for col in (0, 5, 10):
+            tile = pixels[dim * 28 : (dim + 1) * 28, col * 28 : (col + 1) * 28]
+            np.testing.assert_allclose(tile, want[dim * 11 + col, ..., 0] * 255, atol=1.0)
 
 
 def test_manipulation_with_the_real_model(models: Models, tmp_path: Path) -> None:

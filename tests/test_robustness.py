@@ -348,7 +348,7 @@ def _killed_mid_epoch(args: list[str], save_dir: Path, after_epochs: int) -> Non
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "training ended before it could be killed"
-        time.sleep(1.0)  # inside the next epoch
+        time.sleep(0.5)  # inside the next epoch, which takes seconds (10 steps and a validation)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -358,8 +358,15 @@ def _killed_mid_epoch(args: list[str], save_dir: Path, after_epochs: int) -> Non
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.fixture(scope="module")
+def npz_300(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ten steps of 30 per epoch: long enough to be killed inside one."""
+    return make_npz(tmp_path_factory.mktemp("data") / "300.npz", n_train=300)
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(npz: Path, tmp_path: Path) -> None:
+def test_sigkill_then_resume_matches_an_uninterrupted_run(npz_300: Path, tmp_path: Path) -> None:
+    npz = npz_300
     straight, again, resumed = tmp_path / "straight", tmp_path / "again", tmp_path / "resumed"
     for save_dir in (straight, again):
         done = cli(*TRAIN_FLAGS, "--dataset", str(npz), "--save_dir", str(save_dir))
@@ -389,7 +396,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(npz: Path, tmp_path: P
 
 
 @pytest.mark.slow
-def test_resume_with_other_flags_is_refused(npz: Path, tmp_path: Path) -> None:
+def test_resume_with_other_flags_is_refused(npz_300: Path, tmp_path: Path) -> None:
+    npz = npz_300
     args = [*TRAIN_FLAGS, "--dataset", str(npz), "--save_dir", str(tmp_path)]
     _killed_mid_epoch(args, tmp_path, after_epochs=1)
     done = cli(*[a if a != "30" else "20" for a in args])
