@@ -98,10 +98,11 @@ def _load_sibling(name: str) -> ModuleType:
 
 
 original = _load_sibling("original_formulation")
+results_md = _load_sibling("results_md")
 
 RESULTS_PATH = BENCH_DIR / "RESULTS.md"
-START_MARKER = "<!-- bench:start -->"
-END_MARKER = "<!-- bench:end -->"
+BENCH_INTRO = ("\n## Single-device speed (`python bench/bench.py`)\n\n"
+               "Written by bench/bench.py, one section per device; rerun it to refresh.\n\n")
 INPUT_SHAPE = (28, 28, 1)
 N_CLASS = 10
 ROUTINGS = 3
@@ -860,31 +861,9 @@ def target_checks(results: dict[str, Any], floor_rate: float
 
 
 def write_results(section: str, key: str, path: Path = RESULTS_PATH) -> None:
-    """Puts `section` for device `key` between this script's markers in `path`.
-
-    Everything outside `<!-- bench:start -->` ... `<!-- bench:end -->` (e.g. bench/replicas.py's
-    block) is kept; inside, the sections of other devices are kept and this device's is replaced.
-    The file and the markers are created when missing.
-    """
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    begin, end = f"<!-- bench:device {key} -->", f"<!-- bench:device-end {key} -->"
-    block = f"{begin}\n{section}{end}\n"
-    if START_MARKER in text and END_MARKER in text.split(START_MARKER, 1)[1]:
-        head, rest = text.split(START_MARKER, 1)
-        inner, tail = rest.split(END_MARKER, 1)
-    else:
-        head, inner, tail = text.rstrip("\n") + "\n\n", "\n", "\n"
-    if begin in inner and end in inner:
-        before, after = inner.split(begin, 1)
-        inner = before + block + "\n" + after.split(end, 1)[1].lstrip("\n")
-    else:
-        intro = ("\n## Single-device speed (`python bench/bench.py`)\n\n"
-                 "Written by bench/bench.py, one section per device; rerun it to refresh.\n\n")
-        inner = inner if inner.strip() else intro
-        inner += ("" if inner.endswith("\n\n") else "\n") + block + "\n"
-    text = head + START_MARKER + inner + END_MARKER + tail
-    path.parent.mkdir(parents=True, exist_ok=True)
-    utils.write_text_atomic(path, text)
+    """Puts `section` for device `key` between this script's markers (`<!-- bench:start -->` ...
+    `<!-- bench:end -->`) in `path`, keeping everything else (e.g. bench/replicas.py's block)."""
+    results_md.write_section(path, "bench", key, section, BENCH_INTRO)
 
 
 # ---------------------------------------------------------------------------------------------

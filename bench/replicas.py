@@ -39,8 +39,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_PATH = REPO / "bench" / "RESULTS.md"
-START_MARKER = "<!-- replicas:start -->"
-END_MARKER = "<!-- replicas:end -->"
 INTRO = (
     "\n## Data-parallel replicas (`python bench/replicas.py`)\n\n"
     "Training throughput of `capsulenet.Trainer.train_step` (the step both scripts run) with 1 and "
@@ -234,27 +232,15 @@ def section(rows: list[dict[str, Any]], machine: str, gpu: str | None) -> str:
 
 
 def write_results(text: str, key: str, path: Path = RESULTS_PATH) -> None:
-    """Puts `text` as machine `key`'s section between this script's markers in `path`; keeps
-    everything outside them and the other machines' sections; creates file and markers if needed."""
-    content = path.read_text() if path.exists() else "# Benchmark results\n"
-    begin, end = f"<!-- replicas:device {key} -->", f"<!-- replicas:device-end {key} -->"
-    block = f"{begin}\n{text}{end}\n\n"
-    if START_MARKER in content and END_MARKER in content.split(START_MARKER, 1)[1]:
-        head, rest = content.split(START_MARKER, 1)
-        inner, tail = rest.split(END_MARKER, 1)
-    else:
-        head, inner, tail = content.rstrip("\n") + "\n\n", "", "\n"
-    if begin in inner and end in inner.split(begin, 1)[1]:
-        before, after = inner.split(begin, 1)
-        inner = before + block + after.split(end, 1)[1].lstrip("\n")
-    else:
-        inner = (inner if inner.strip() else INTRO) + block
-    inner = inner if inner.endswith("\n") else inner + "\n"
-    sys.path.insert(0, str(REPO))
-    import utils
+    """Puts `text` as machine `key`'s section between this script's markers (`<!-- replicas:start -->`
+    ... `<!-- replicas:end -->`) in `path`, keeping everything else."""
+    import importlib.util
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    utils.write_text_atomic(path, head + START_MARKER + inner + END_MARKER + tail)
+    # Loaded by path: bench/ need not be on sys.path when this module is imported elsewhere.
+    spec = importlib.util.spec_from_file_location("results_md", REPO / "bench" / "results_md.py")
+    results_md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results_md)
+    results_md.write_section(path, "replicas", key, text, INTRO)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,7 +220,7 @@ def test_results_writer_keeps_other_blocks(tmp_path: Path) -> None:
     path = tmp_path / "RESULTS.md"
     bench.write_results("### CPU\nfirst\n", "cpu-x", path)
     text = path.read_text()
-    assert bench.START_MARKER in text and bench.END_MARKER in text and "first" in text
+    assert "<!-- bench:start -->" in text and "<!-- bench:end -->" in text and "first" in text
     replicas = "<!-- replicas:start -->\nreplica numbers\n<!-- replicas:end -->\n"
     path.write_text("# Title\n\nintro\n\n" + text + "\n" + replicas)
     bench.write_results("### GPU\ngpu numbers\n", "gpu-y", path)
@@ -229,7 +229,7 @@ def test_results_writer_keeps_other_blocks(tmp_path: Path) -> None:
     assert text.startswith("# Title\n\nintro\n")
     assert text.endswith(replicas)
     assert "second" in text and "first" not in text and "gpu numbers" in text
-    assert text.count(bench.START_MARKER) == 1 and text.count("bench:device cpu-x") == 1
+    assert text.count("<!-- bench:start -->") == 1 and text.count("bench:device cpu-x") == 1
     bench.write_results("### CPU\nsecond\n", "cpu-x", path)
     assert path.read_text() == text  # rewriting the same section changes nothing
 
