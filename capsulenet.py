@@ -396,7 +396,7 @@ class Trainer:
             scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
         variables = self.model.trainable_variables
         grads = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients(zip(grads, variables, strict=False))
+        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
         return [ops.sum(t) for t in (total, margin, mse, correct)]
 
     def _replica_eval_step(self, x: Any, y: Any) -> list[Any]:
@@ -428,7 +428,7 @@ class Trainer:
         if tail:
             sums += [float(v) for v in self._replica_eval_step(self.tf.constant(x[-tail:]),
                                                                self.tf.constant(y[-tail:]))]
-        return dict(zip(TRAIN_SUMS, sums / len(x), strict=False))
+        return dict(zip(TRAIN_SUMS, sums / len(x), strict=True))
 
     def run_epoch(self, x: Any, y: Any, epoch: int, seed: int) -> dict[str, float]:
         steps = int(x.shape[0]) // self.args.batch_size
@@ -442,8 +442,8 @@ class Trainer:
             if not np.isfinite(values).all():
                 raise TrainingDivergedError(f"loss became {values[0]} at epoch {epoch + 1}, step {step}")
             sums += values
-            progbar.update(step, list(zip(TRAIN_SUMS, sums / (step * self.args.batch_size), strict=False)))
-        return dict(zip(TRAIN_SUMS, sums / (steps * self.args.batch_size), strict=False))
+            progbar.update(step, list(zip(TRAIN_SUMS, sums / (step * self.args.batch_size), strict=True)))
+        return dict(zip(TRAIN_SUMS, sums / (steps * self.args.batch_size), strict=True))
 
     def learning_rate(self) -> float:
         rate = self.optimizer.learning_rate
