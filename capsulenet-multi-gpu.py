@@ -1,6 +1,6 @@
 """Data-parallel CapsNet training on several GPUs, several logical CPUs or several machines.
 
-The model, losses, data pipeline, training loop and test are `capsulenet.py`'s; this script only
+The model, losses, training loop and test are those of `capsulenet.py` and `training.py`; this script only
 chooses the `tf.distribute` strategy and the devices:
 
 - one machine: `tf.distribute.MirroredStrategy` over the first `--gpus` GPUs (or, with `--cpu`,
@@ -42,7 +42,8 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the CLI
 
 import capsulenet  # noqa: E402 - imports TensorFlow but initialises no device
-from capsulenet import UserError  # noqa: E402
+from backup import Backup  # noqa: E402
+from errors import UserError  # noqa: E402
 
 TASK_TYPES = ("chief", "worker")
 
@@ -197,17 +198,18 @@ def agree_on_resume_point(strategy: Any, backup_dir: Path, epochs: int) -> None:
     Raises:
         UserError: this worker no longer holds the common epoch's backup.
     """
-    latest = min(capsulenet.backup_epoch(backup_dir), epochs)
+    backup = Backup(backup_dir)
+    latest = min(backup.latest_epoch(), epochs)
     counts = sum_over_workers(strategy, [int(e == latest) for e in range(epochs + 1)])
     common = next(e for e, count in enumerate(counts) if count)
     if common == latest:
         return
-    if common != 0 and common not in capsulenet.backup_epochs(backup_dir):
+    if common != 0 and common not in backup.epochs():
         raise UserError(f"{backup_dir}: this worker's backup ends after epoch {latest}, another "
                         f"worker's after epoch {common}; delete every worker's backup folder "
                         "(save_dir/backup*) to start over")
     print(f"Another worker's backup ends after epoch {common}: resuming from there")
-    capsulenet.rollback_backup(backup_dir, common)
+    backup.roll_back(common)
 
 
 def plot_model(model: Any, save_dir: str) -> None:
@@ -261,7 +263,8 @@ def check_batch(args: argparse.Namespace, strategy: Any) -> None:
 def train_distributed(args: argparse.Namespace) -> None:
     """Trains data-parallel under the strategy `TF_CONFIG` or the flags ask for, then the chief
     tests the result on one device; `-t` only tests, on the chief."""
-    capsulenet.validate_args(args)  # every flag error before TensorFlow starts
+    # Every flag error before TensorFlow starts.
+    capsulenet.validate_args(args, extra=[("--gpus", args.gpus >= 1, "must be >= 1")])
     task = read_tf_config()
     is_chief = task is None or task.is_chief
     if args.testing:  # a test needs neither replicas nor the other workers

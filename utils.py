@@ -12,6 +12,7 @@ import gzip
 import math
 import os
 import struct
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +59,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def native_stderr_quiet() -> Iterator[None]:
+    """Silences what native code writes to the process' stderr (file descriptor 2) in the block.
+
+    TensorFlow's C++ code logs through absl before any Python setting can reach it ("All log messages
+    before absl::InitializeLog() is called are written to STDERR"); `TF_CPP_MIN_LOG_LEVEL` removes the
+    rest. Python exceptions raised in the block still reach the terminal: they are printed after it.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

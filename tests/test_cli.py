@@ -5,7 +5,6 @@ The subprocesses are few on purpose: each pays TensorFlow's start-up (5-10 s).""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -16,10 +15,11 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT, RawData
+from conftest import RawData, describe, run_script
 from PIL import Image
 
 import capsulenet
+import saving
 import utils
 
 # Every flag of the issue and SPEC section 1, with its default.
@@ -32,20 +32,6 @@ FLAGS = ("--epochs", "--batch_size", "--lr", "--lr_decay", "--lam_recon", "-r", 
          "--shift_fraction", "--debug", "--save_dir", "-t", "--testing", "--digit", "-w",
          "--weights", "--dataset")
 TEST_ACC = re.compile(r"Test acc: (0\.\d{4})\b")
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python capsulenet.py ARGS` from the repository root on a headless machine."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MPLBACKEND")}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    result = subprocess.run([sys.executable, "capsulenet.py", *args], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    return result
-
-
-def describe(result: subprocess.CompletedProcess) -> str:
-    """The end of a subprocess' output, for assertion messages."""
-    return f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
 
 
 def expected_arrays(raw: RawData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -108,8 +94,8 @@ def trained(small_npz: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> tuple[Path, subprocess.CompletedProcess]:
     """One epoch of training on the small `.npz`, with `--debug`."""
     save_dir = tmp_path_factory.mktemp("cli") / "result"  # not created yet: the CLI must make it
-    result = run_cli("--epochs", "1", "--batch_size", "50", "--debug", "--dataset", str(small_npz),
-                     "--save_dir", str(save_dir))
+    result = run_script("capsulenet.py", "--epochs", "1", "--batch_size", "50", "--debug",
+                        "--dataset", str(small_npz), "--save_dir", str(save_dir))
     return save_dir, result
 
 
@@ -119,8 +105,8 @@ def tested(trained: tuple[Path, subprocess.CompletedProcess], small_idx_dir: Pat
     """`-t -w <dir>/trained_model.h5` (the original's file name) on the IDX copy of the data."""
     save_dir, result = trained
     assert result.returncode == 0, describe(result)
-    return run_cli("-t", "-w", str(save_dir / "trained_model.h5"), "--dataset", str(small_idx_dir),
-                   "--save_dir", str(save_dir))
+    return run_script("capsulenet.py", "-t", "-w", str(save_dir / "trained_model.h5"),
+                      "--dataset", str(small_idx_dir), "--save_dir", str(save_dir))
 
 
 def eval_model_from(save_dir: Path) -> keras.Model:
@@ -166,7 +152,7 @@ def test_training_weights_files_hold_the_trained_model(
         assert h5py.is_hdf5(save_dir / name), name
         keras.utils.set_random_seed(3)
         target, _, _ = capsulenet.CapsNet((28, 28, 1), 10, 3)
-        capsulenet.load_weights(target, str(save_dir / name))
+        saving.load_weights(target, str(save_dir / name))
         for layer in ("conv1", "primarycap_conv2d", "digitcaps", "decoder"):
             for got, want in zip(target.get_layer(layer).get_weights(),
                                  saved.get_layer(layer).get_weights(), strict=True):
@@ -198,7 +184,7 @@ def test_testing_prints_accuracy_and_writes_both_images(
 
 @pytest.mark.slow
 def test_testing_without_weights_warns_and_runs(small_npz: Path, tmp_path: Path) -> None:
-    result = run_cli("-t", "--dataset", str(small_npz), "--save_dir", str(tmp_path))
+    result = run_script("capsulenet.py", "-t", "--dataset", str(small_npz), "--save_dir", str(tmp_path))
     assert result.returncode == 0, describe(result)
     output = result.stdout + result.stderr
     assert re.search(r"random", output, re.IGNORECASE), describe(result)
@@ -209,7 +195,7 @@ def test_testing_without_weights_warns_and_runs(small_npz: Path, tmp_path: Path)
 
 @pytest.mark.slow
 def test_help_lists_every_flag() -> None:
-    result = run_cli("-h", timeout=120)
+    result = run_script("capsulenet.py", "-h", timeout=120)
     assert result.returncode == 0, describe(result)
     listed = set(re.findall(r"(?<![\w-])(--?[a-z_]+)", result.stdout))
     missing = [flag for flag in FLAGS if flag not in listed]

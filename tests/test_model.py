@@ -4,7 +4,6 @@ latent manipulation and the image grids."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import zipfile
 from pathlib import Path
@@ -18,7 +17,9 @@ import reference as ref
 from PIL import Image
 
 import capsulenet
+import saving
 import utils
+from errors import UserError
 
 INPUT_SHAPE = (28, 28, 1)
 WEIGHTED_LAYERS = ("conv1", "primarycap_conv2d", "digitcaps", "decoder")
@@ -178,7 +179,7 @@ def test_keras_file_reloads_in_safe_mode_with_identical_outputs(models: Models,
                                                                  tmp_path: Path) -> None:
     _, eval_model, _ = models
     path = tmp_path / "model.keras"
-    capsulenet.save_model(eval_model, path)
+    saving.save_model(eval_model, path)
     with zipfile.ZipFile(path) as archive:
         config = json.loads(archive.read("config.json"))
     assert "Lambda" not in json.dumps(config)
@@ -193,35 +194,35 @@ def test_keras_file_reloads_in_safe_mode_with_identical_outputs(models: Models,
 def test_load_weights_from_weights_h5(models: Models, tmp_path: Path) -> None:
     _, eval_model, _ = models
     path = tmp_path / "w.weights.h5"
-    capsulenet.save_weights(eval_model, path)  # the CLI saves the eval model's weights
+    saving.save_weights(eval_model, path)  # the CLI saves the eval model's weights
     target, _, _ = build(seed=7)
     assert_different_weights(layer_weights(target), layer_weights(eval_model))
-    assert capsulenet.load_weights(target, str(path)) == str(path)
+    assert saving.load_weights(target, str(path)) == str(path)
     assert_same_weights(layer_weights(target), layer_weights(eval_model))
 
 
 def test_load_weights_from_keras_file(models: Models, tmp_path: Path) -> None:
     _, eval_model, _ = models
     path = tmp_path / "m.keras"
-    capsulenet.save_model(eval_model, path)
+    saving.save_model(eval_model, path)
     target, _, _ = build(seed=8)
-    capsulenet.load_weights(target, str(path))
+    saving.load_weights(target, str(path))
     assert_same_weights(layer_weights(target), layer_weights(eval_model))
 
 
 def test_legacy_name_falls_back_to_weights_h5(models: Models, tmp_path: Path) -> None:
     """`-w result/trained_model.h5` (the original's name) loads `trained_model.weights.h5`."""
     _, eval_model, _ = models
-    capsulenet.save_weights(eval_model, tmp_path / "trained_model.weights.h5")
+    saving.save_weights(eval_model, tmp_path / "trained_model.weights.h5")
     target, _, _ = build(seed=9)
-    loaded = capsulenet.load_weights(target, str(tmp_path / "trained_model.h5"))
+    loaded = saving.load_weights(target, str(tmp_path / "trained_model.h5"))
     assert loaded == str(tmp_path / "trained_model.weights.h5")
     assert_same_weights(layer_weights(target), layer_weights(eval_model))
 
 
 def test_missing_weights_file_is_a_user_error(models: Models, tmp_path: Path) -> None:
-    with pytest.raises(capsulenet.UserError):
-        capsulenet.load_weights(models[0], str(tmp_path / "nothing.h5"))
+    with pytest.raises(UserError):
+        saving.load_weights(models[0], str(tmp_path / "nothing.h5"))
 
 
 def legacy_weights(n_class: int, seed: int) -> dict[str, list[tuple[str, np.ndarray]]]:
@@ -267,7 +268,7 @@ def test_load_legacy_keras2_h5(tmp_path: Path, full_model: bool) -> None:
     path = tmp_path / "trained_model.h5"
     write_legacy_h5(path, weights, full_model=full_model)
     target, eval_model, _ = build(seed=12)
-    capsulenet.load_weights(target, str(path))
+    saving.load_weights(target, str(path))
     want = {layer: [value for _, value in entries] for layer, entries in weights.items()}
     assert_same_weights(layer_weights(target), want)
     assert_same_weights(layer_weights(eval_model), want)
@@ -277,17 +278,17 @@ def test_legacy_h5_for_another_class_count_is_a_user_error(tmp_path: Path) -> No
     path = tmp_path / "five_classes.h5"
     write_legacy_h5(path, legacy_weights(5, seed=13))
     target, _, _ = build(seed=14)
-    with pytest.raises(capsulenet.UserError):
-        capsulenet.load_weights(target, str(path))
+    with pytest.raises(UserError):
+        saving.load_weights(target, str(path))
 
 
 def test_weights_h5_for_another_class_count_is_a_user_error(tmp_path: Path) -> None:
     _, five_eval, _ = build(n_class=5, seed=15)
     path = tmp_path / "five.weights.h5"
-    capsulenet.save_weights(five_eval, path)
+    saving.save_weights(five_eval, path)
     target, _, _ = build(seed=16)
-    with pytest.raises(capsulenet.UserError):
-        capsulenet.load_weights(target, str(path))
+    with pytest.raises(UserError):
+        saving.load_weights(target, str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,11 +296,11 @@ def test_weights_h5_for_another_class_count_is_a_user_error(tmp_path: Path) -> N
 # ---------------------------------------------------------------------------------------------
 
 
-def two_fives(tmp_path: Path) -> tuple[tuple[np.ndarray, np.ndarray], argparse.Namespace]:
+def two_fives() -> tuple[np.ndarray, np.ndarray]:
     """A test set of 12 samples in which class 5 has exactly two samples (indices 3 and 7)."""
     labels = np.array([0, 1, 2, 5, 3, 4, 6, 5, 7, 8, 9, 0])
     x = np.stack([np.full(INPUT_SHAPE, i / 12, dtype="float32") for i in range(12)])
-    return (x, one_hot(labels)), argparse.Namespace(digit=5, save_dir=str(tmp_path))
+    return x, one_hot(labels)
 
 
 def test_perturbation_grid_rows_are_dimensions_and_columns_shifts() -> None:
@@ -313,18 +314,18 @@ def test_perturbation_grid_rows_are_dimensions_and_columns_shifts() -> None:
 
 
 @pytest.mark.parametrize("seeded", [True, False])
-def test_manipulation_can_pick_every_sample_of_the_digit(tmp_path: Path, seeded: bool) -> None:
-    (_, y), args = two_fives(tmp_path)
+def test_manipulation_can_pick_every_sample_of_the_digit(seeded: bool) -> None:
+    _, y = two_fives()
     rng = np.random.default_rng(1) if seeded else None
     # Both of two samples appear in 40 draws with probability 1 - 2**-39.
-    picked = {capsulenet.pick_sample(y, args.digit, rng) for _ in range(40)}
+    picked = {capsulenet.pick_sample(y, 5, rng) for _ in range(40)}
     assert picked == {3, 7}
 
 
 def test_manipulation_of_an_absent_digit_is_a_user_error(tmp_path: Path) -> None:
-    (x, _), args = two_fives(tmp_path)
-    with pytest.raises(capsulenet.UserError):
-        capsulenet.manipulate_latent(None, (x, one_hot(np.zeros(12, int))), args)
+    x, _ = two_fives()
+    with pytest.raises(UserError):
+        capsulenet.manipulate_latent(None, (x, one_hot(np.zeros(12, int))), digit=5, save_dir=tmp_path)
 
 
 def test_manipulation_equals_the_manipulate_model_on_176_copies(models: Models, tmp_path: Path) -> None:
@@ -332,8 +333,7 @@ def test_manipulation_equals_the_manipulate_model_on_176_copies(models: Models, 
     gives for 176 copies of the sample, and the PNG tiles them rows = dimensions."""
     _, _, manipulate_model = models
     x, y = images(4, seed=21), one_hot([1, 5, 2, 3])
-    args = argparse.Namespace(digit=5, save_dir=str(tmp_path))
-    recons = capsulenet.manipulate_latent(manipulate_model, (x, y), args)
+    recons = capsulenet.manipulate_latent(manipulate_model, (x, y), digit=5, save_dir=tmp_path)
     copies = [np.repeat(x[1:2], 176, 0), np.repeat(y[1:2], 176, 0), capsulenet.perturbation_grid(10)]
     want = np.asarray(manipulate_model(copies))
     np.testing.assert_allclose(recons, want, atol=1e-5)
@@ -349,8 +349,8 @@ def test_manipulation_equals_the_manipulate_model_on_176_copies(models: Models, 
 def test_manipulation_with_the_real_model(models: Models, tmp_path: Path) -> None:
     _, _, manipulate_model = models
     x = images(4, seed=20)
-    args = argparse.Namespace(digit=5, save_dir=str(tmp_path))
-    recons = capsulenet.manipulate_latent(manipulate_model, (x, one_hot([5, 1, 2, 3])), args)
+    recons = capsulenet.manipulate_latent(manipulate_model, (x, one_hot([5, 1, 2, 3])), digit=5,
+                                          save_dir=tmp_path)
     assert recons.shape == (176, *INPUT_SHAPE)
     zero_shift = recons[5::11]  # column 5 adds 0.0: every row is the plain reconstruction
     np.testing.assert_allclose(zero_shift, np.broadcast_to(zero_shift[0], zero_shift.shape),
@@ -371,8 +371,7 @@ def test_test_reports_accuracy_and_saves_real_and_recon(models: Models, tmp_path
     y = one_hot(np.arange(60) % 10)
     lengths, recon = eval_model.predict(x, verbose=0)
     want = float(np.mean(np.argmax(lengths, 1) == np.arange(60) % 10))
-    args = argparse.Namespace(batch_size=25, save_dir=str(tmp_path))
-    assert capsulenet.test(eval_model, (x, y), args) == pytest.approx(want)
+    assert capsulenet.test(eval_model, (x, y), batch_size=25, save_dir=tmp_path) == pytest.approx(want)
     assert f"Test acc: {want:.4f}" in capsys.readouterr().out
     image = Image.open(tmp_path / "real_and_recon.png")
     assert image.size == (280, 280) and image.mode == "L"

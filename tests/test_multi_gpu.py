@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import os
 import re
 import socket
 import subprocess
@@ -23,11 +22,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import child_env, run_script, start_script
+
+from backup import Backup
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "capsulenet-multi-gpu.py"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 EQUIVALENCE_BATCH = 16
 # One Adam step moves a weight by up to lr = 1e-3; summation order alone changes it by ~1e-8.
@@ -44,18 +44,8 @@ def load_script() -> ModuleType:
     return module
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment for a child process: no inherited `TF_CONFIG`, quiet TensorFlow."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.update(extra)
-    return env
-
-
-def run_script(*args: str, timeout: float = 300, script: Path = SCRIPT
-               ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def run_mgpu(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_script("capsulenet-multi-gpu.py", *args, timeout=timeout)
 
 
 def printed_accuracy(output: str) -> float:
@@ -147,7 +137,7 @@ def test_more_gpus_than_visible_is_one_line_exit_2(tmp_path: Path) -> None:
 
     if len(tf.config.list_physical_devices("GPU")) >= 3:
         pytest.skip("this machine has 3 or more GPUs")
-    result = run_script("--gpus", "3", "--save_dir", str(tmp_path), timeout=120)
+    result = run_mgpu("--gpus", "3", "--save_dir", str(tmp_path), timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -158,7 +148,7 @@ def test_more_gpus_than_visible_is_one_line_exit_2(tmp_path: Path) -> None:
 
 
 def test_batch_smaller_than_the_replica_count(small_npz: Path, tmp_path: Path) -> None:
-    result = run_script("--cpu", "--gpus", "2", "--batch_size", "1", "--dataset", str(small_npz),
+    result = run_mgpu("--cpu", "--gpus", "2", "--batch_size", "1", "--dataset", str(small_npz),
                         "--save_dir", str(tmp_path), timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
@@ -166,9 +156,8 @@ def test_batch_smaller_than_the_replica_count(small_npz: Path, tmp_path: Path) -
 
 
 def test_bad_tf_config_through_the_cli(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(SCRIPT), "--save_dir", str(tmp_path)], cwd=REPO,
-                            env=child_env(TF_CONFIG="{oops"), capture_output=True, text=True,
-                            timeout=120)
+    result = run_script("capsulenet-multi-gpu.py", "--save_dir", str(tmp_path),
+                        env=child_env(TF_CONFIG="{oops"), timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: TF_CONFIG: expected JSON")
@@ -192,41 +181,43 @@ def equivalence_main(out: str, data_path: str) -> None:
     import keras
     from keras.src.backend.tensorflow import optimizer as tf_optimizer
 
+    import backends
     import capsulenet
+    import training
     import utils
 
     data = utils.load_dataset(data_path)
-    x, y = (tf.constant(a[:EQUIVALENCE_BATCH]) for a in data[0])
-    args = capsulenet.build_parser().parse_args(
-        ["--batch_size", str(EQUIVALENCE_BATCH), "--shift_fraction", "0", "--seed", "3",
-         "--save_dir", str(Path(out).parent)])
+    x, y = (a[:EQUIVALENCE_BATCH] for a in data[0])
+    config = training.TrainConfig(batch_size=EQUIVALENCE_BATCH, shift_fraction=0.0, seed=3)
 
     def one_step(strategy: Any, initial: list | None) -> tuple[list, list, float]:
-        keras.utils.set_random_seed(args.seed)
+        keras.utils.set_random_seed(config.seed)
         with strategy.scope():
-            model, _, _ = capsulenet.build_models(args, data, steps_per_epoch=1)
-            model.optimizer.build(model.trainable_variables)
+            model, _, _ = capsulenet.CapsNet(x.shape[1:], y.shape[1], routings=3)
+            optimizer = training.make_optimizer(config.lr, config.lr_decay, steps_per_epoch=1)
+        steps = backends.TensorFlowSteps(model, optimizer, config.lam_recon, config.batch_size, strategy)
+        steps.build_optimizer()
         if initial is not None:
             model.set_weights(initial)
         before = [np.array(w) for w in model.get_weights()]
-        trainer = capsulenet.Trainer(model, args, strategy=strategy)
-        trainer.run_epoch(x, y, epoch=0, seed=args.seed)  # 16 samples: exactly one step
+        trainer = training.Trainer(model, optimizer, steps, config, backup=None)
+        trainer.train_epoch(x, y, epoch=0, seed=config.seed)  # 16 samples: exactly one step
+        trainers.append(trainer)
         # Every replica's copy of every weight must agree, not only the first one's.
         spread = max((float(np.abs(c.numpy() - v.value.values[0].numpy()).max())
                       for v in model.weights if hasattr(v.value, "values")
                       for c in v.value.values), default=0.0)
-        models.append(model)
         return before, [np.array(w) for w in model.get_weights()], spread
 
     def max_diff(a: list, b: list) -> float:
         return max(float(np.abs(p - q).max()) for p, q in zip(a, b, strict=True))
 
-    models: list = []
+    trainers: list = []
     plain = tf.distribute.get_strategy()
     initial, one_device, _ = one_step(plain, None)
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     _, two_replicas, spread = one_step(mirrored, initial)
-    plain_model, mirrored_model = models
+    plain_trainer, mirrored_trainer = trainers
     real_all_reduce = tf_optimizer.TFOptimizer._all_reduce_sum_gradients
     tf_optimizer.TFOptimizer._all_reduce_sum_gradients = lambda self, grads_and_vars: grads_and_vars
     try:
@@ -235,8 +226,7 @@ def equivalence_main(out: str, data_path: str) -> None:
         tf_optimizer.TFOptimizer._all_reduce_sum_gradients = real_all_reduce
     # Validation with a last batch of 1 sample for 2 replicas (one would get an empty batch).
     x_valid, y_valid = (a[: EQUIVALENCE_BATCH + 1] for a in data[1])
-    valid = [capsulenet.Trainer(model, args, strategy=strategy).evaluate(x_valid, y_valid)
-             for model, strategy in ((mirrored_model, mirrored), (plain_model, plain))]
+    valid = [trainer.evaluate(x_valid, y_valid) for trainer in (mirrored_trainer, plain_trainer)]
     result = {"change": max_diff(one_device, initial), "diff": max_diff(two_replicas, one_device),
               "valid_diff": max(abs(valid[0][k] - valid[1][k]) for k in valid[0]),
               "replica_spread": spread, "diff_without_all_reduce": max_diff(no_all_reduce, one_device),
@@ -247,7 +237,7 @@ def equivalence_main(out: str, data_path: str) -> None:
 @pytest.mark.slow
 def test_two_replicas_one_step_equals_one_device(small_npz: Path, tmp_path: Path) -> None:
     out = tmp_path / "equivalence.json"
-    result = run_script("--equivalence", str(out), str(small_npz), script=Path(__file__))
+    result = run_script("tests/test_multi_gpu.py", "--equivalence", str(out), str(small_npz))
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(out.read_text())
     assert found["replicas"] == 2
@@ -267,7 +257,7 @@ def test_two_replicas_one_step_equals_one_device(small_npz: Path, tmp_path: Path
 @pytest.mark.slow
 def test_cli_on_two_logical_cpus(small_npz: Path, tmp_path: Path) -> None:
     save_dir = tmp_path / "result"
-    result = run_script("--cpu", "--gpus", "2", "--dataset", str(small_npz), "--epochs", "1",
+    result = run_mgpu("--cpu", "--gpus", "2", "--dataset", str(small_npz), "--epochs", "1",
                         "--batch_size", "50", "--seed", "1", "--save_dir", str(save_dir))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Data-parallel on 2 replica(s) (MirroredStrategy" in result.stdout
@@ -280,9 +270,8 @@ def test_cli_on_two_logical_cpus(small_npz: Path, tmp_path: Path) -> None:
     accuracy = printed_accuracy(result.stdout)
 
     # The single-device script tests the same weights to the same accuracy.
-    single = run_script("-t", "-w", str(save_dir / "trained_model.weights.h5"), "--dataset",
-                        str(small_npz), "--save_dir", str(tmp_path / "single"),
-                        script=REPO / "capsulenet.py")
+    single = run_script("capsulenet.py", "-t", "-w", str(save_dir / "trained_model.weights.h5"),
+                        "--dataset", str(small_npz), "--save_dir", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr[-3000:]
     assert printed_accuracy(single.stdout) == pytest.approx(accuracy, abs=1e-9)
 
@@ -291,11 +280,12 @@ def test_cli_on_two_logical_cpus(small_npz: Path, tmp_path: Path) -> None:
 def test_weights_from_capsulenet_load_in_the_multi_gpu_script(small_npz: Path,
                                                                tmp_path: Path) -> None:
     import capsulenet
+    import saving
 
     _, eval_model, _ = capsulenet.CapsNet((28, 28, 1), 10, 3)
     path = tmp_path / "single.weights.h5"
-    capsulenet.save_weights(eval_model, path)  # what capsulenet.py writes after training
-    result = run_script("--cpu", "-t", "-w", str(path), "--dataset", str(small_npz),
+    saving.save_weights(eval_model, path)  # what capsulenet.py writes after training
+    result = run_mgpu("--cpu", "-t", "-w", str(path), "--dataset", str(small_npz),
                         "--batch_size", "50", "--save_dir", str(tmp_path / "result"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Loaded weights from {path}" in result.stdout
@@ -326,9 +316,8 @@ def start_workers(n: int, argv: list[str], tmp_path: Path) -> list[tuple[subproc
         env = child_env(TF_CONFIG=json.dumps({"cluster": cluster,
                                               "task": {"type": "worker", "index": index}}))
         log = (tmp_path / f"worker-{index}.log").open("w")
-        proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), *argv, "--save_dir", str(tmp_path / f"worker-{index}")],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = start_script("capsulenet-multi-gpu.py", *argv, "--save_dir", str(tmp_path / f"worker-{index}"),
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         workers.append((proc, tmp_path / f"worker-{index}.log"))
     return workers
@@ -384,20 +373,19 @@ def test_workers_agree_on_the_resume_epoch(tmp_path: Path, monkeypatch: pytest.M
                                            mine: int, theirs: int, kept: list[int],
                                            resumes_after: int) -> None:
     module = load_script()
-    capsulenet = module.capsulenet
     backup = tmp_path / "backup"
     backup.mkdir()
     for epoch in kept:  # the files a Trainer leaves: weights and state of the last two epochs
         (backup / f"epoch-{epoch:04d}.npz").write_bytes(b"")
         (backup / f"epoch-{epoch:04d}.json").write_text(json.dumps({"epoch": epoch}))
-    capsulenet.rollback_backup(backup, mine)
+    Backup(backup).roll_back(mine)
 
     def two_workers(strategy: Any, values: list[int]) -> list[int]:
         return [v + int(e == theirs) for e, v in enumerate(values)]
 
     monkeypatch.setattr(module, "sum_over_workers", two_workers)
     module.agree_on_resume_point(strategy=None, backup_dir=backup, epochs=5)
-    assert capsulenet.backup_epoch(backup) == resumes_after
+    assert Backup(backup).latest_epoch() == resumes_after
 
 
 def test_workers_too_far_apart_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -407,7 +395,7 @@ def test_workers_too_far_apart_are_refused(tmp_path: Path, monkeypatch: pytest.M
     for epoch in (3, 4):
         (backup / f"epoch-{epoch:04d}.npz").write_bytes(b"")
         (backup / f"epoch-{epoch:04d}.json").write_text(json.dumps({"epoch": epoch}))
-    module.capsulenet.rollback_backup(backup, 4)
+    Backup(backup).roll_back(4)
     monkeypatch.setattr(module, "sum_over_workers",
                         lambda strategy, values: [v + int(e == 2) for e, v in enumerate(values)])
     with pytest.raises(module.UserError, match="ends after epoch 4, another worker's after epoch 2"):

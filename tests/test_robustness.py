@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,31 +13,23 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import describe, run_script, save_npz, start_script, synthetic_raw
 
 import capsulenet
+import errors
+import saving
+import training
 import utils
+from backup import Backup, RunState
+from errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_npz(path: Path, n_train: int = 120, n_test: int = 40, n_class: int = 10, seed: int = 0,
              **overrides: np.ndarray) -> Path:
-    """A small learnable dataset: each class is a bright square at its own place."""
-    rng = np.random.default_rng(seed)
-
-    def images(labels: np.ndarray) -> np.ndarray:
-        x = rng.integers(0, 40, size=(len(labels), 28, 28), dtype=np.uint8)
-        for i, label in enumerate(labels):
-            row, col = divmod(int(label), 4)
-            x[i, 2 + 6 * row : 8 + 6 * row, 2 + 6 * col : 8 + 6 * col] = 255
-        return x
-
-    y_train = np.arange(n_train) % n_class
-    y_test = np.arange(n_test) % n_class
-    arrays = {"x_train": images(y_train), "y_train": y_train, "x_test": images(y_test), "y_test": y_test}
-    arrays.update(overrides)
-    np.savez(path, **arrays)
-    return path
+    """A small learnable dataset (conftest's `synthetic_raw`) as an `.npz`."""
+    return save_npz(path, synthetic_raw(n_train, n_test, n_class=n_class, seed=seed), **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +51,7 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
 
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "capsulenet.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_script("capsulenet.py", *args, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +81,7 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def test_bad_flag_is_one_line_exit_2(argv: list[str], flag: str, npz: Path, tmp_path: Path,
                                      capsys: pytest.CaptureFixture) -> None:
     code, err = run_main([*argv, "--dataset", str(npz), "--save_dir", str(tmp_path)], capsys)
-    assert code == capsulenet.EXIT_BAD_INPUT
+    assert code == errors.EXIT_BAD_INPUT
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0]
     assert "must be" in lines[0]
@@ -104,10 +94,9 @@ def test_digit_outside_the_classes(npz: Path, tmp_path: Path, capsys: pytest.Cap
 
 
 def test_gpus_must_be_positive(tmp_path: Path) -> None:
-    args = capsulenet.build_parser().parse_args(["--save_dir", str(tmp_path)])
-    args.gpus = 0
-    with pytest.raises(capsulenet.UserError, match="--gpus 0: must be >= 1"):
-        capsulenet.validate_args(args)
+    result = run_script("capsulenet-multi-gpu.py", "--gpus", "0", "--save_dir", str(tmp_path))
+    assert result.returncode == 2, describe(result)
+    assert result.stderr.strip().splitlines() == ["error: --gpus 0: must be >= 1"]
 
 
 def test_unwritable_save_dir(npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -139,7 +128,11 @@ def _bad_weights(kind: str, tmp_path: Path, five_class_weights: Path) -> tuple[P
     if kind == "garbage":
         path = tmp_path / "junk.weights.h5"
         path.write_bytes(os.urandom(4096))
-        return path, "cannot be loaded"
+        return path, ": not an HDF5 file"
+    if kind == "not_zip":  # Keras itself would say "File not found" of a file that exists
+        path = tmp_path / "broken.keras"
+        path.write_text("not a zip archive")
+        return path, ": not a Keras model file"
     if kind == "format":
         path = tmp_path / "weights.pkl"
         path.write_bytes(b"\x80\x04")
@@ -147,7 +140,7 @@ def _bad_weights(kind: str, tmp_path: Path, five_class_weights: Path) -> tuple[P
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["classes", "truncated", "garbage", "format"])
+@pytest.mark.parametrize("kind", ["classes", "truncated", "garbage", "not_zip", "format"])
 def test_bad_weights_file(kind: str, npz: Path, tmp_path: Path, five_class_weights: Path,
                           capsys: pytest.CaptureFixture) -> None:
     path, reason = _bad_weights(kind, tmp_path, five_class_weights)
@@ -166,8 +159,8 @@ def test_wrong_input_shape_weights(tmp_path: Path) -> None:
     path = tmp_path / "big.weights.h5"
     eval_model.save_weights(path)
     model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, 3)
-    with pytest.raises(capsulenet.UserError, match=r"digitcaps needs weights of shape \(10, 1152, 16, 8\)"):
-        capsulenet.load_weights(model, str(path))
+    with pytest.raises(UserError, match=r"digitcaps needs weights of shape \(10, 1152, 16, 8\)"):
+        saving.load_weights(model, str(path))
 
 
 def test_keras_file_with_lambda_is_refused(tmp_path: Path) -> None:
@@ -181,8 +174,8 @@ def test_keras_file_with_lambda_is_refused(tmp_path: Path) -> None:
     keras.Model(x, y).save(path)
     marker.unlink(missing_ok=True)
     model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, 3)
-    with pytest.raises(capsulenet.UserError, match="refused, the model contains a Lambda layer"):
-        capsulenet.load_weights(model, str(path))
+    with pytest.raises(UserError, match="refused, the model contains a Lambda layer"):
+        saving.load_weights(model, str(path))
     assert not marker.exists()
 
 
@@ -248,7 +241,7 @@ def test_missing_idx_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
 def test_crash_during_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, eval_model, _ = capsulenet.CapsNet((28, 28, 1), 10, 1)
     path = tmp_path / "trained_model.weights.h5"
-    capsulenet.save_weights(eval_model, path)
+    saving.save_weights(eval_model, path)
     good = path.read_bytes()
 
     def crash(self: keras.Model, filepath: str, *args: object, **kwargs: object) -> None:
@@ -258,7 +251,7 @@ def test_crash_during_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(keras.Model, "save_weights", crash)
     with pytest.raises(OSError, match="No space left"):
-        capsulenet.save_weights(eval_model, path)
+        saving.save_weights(eval_model, path)
     assert path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trained_model.weights.h5"]
 
@@ -282,8 +275,8 @@ def test_crash_during_image_save_keeps_the_old_png(tmp_path: Path, monkeypatch: 
 
 def test_resume_trims_log_rows_beyond_the_backup(tmp_path: Path) -> None:
     pd.DataFrame({"epoch": [0, 1, 2], "loss": [3.0, 2.0, 1.0]}).to_csv(tmp_path / "log.csv", index=False)
-    trainer = capsulenet.Trainer.__new__(capsulenet.Trainer)  # only the log reader is needed
-    trainer.save_dir = tmp_path
+    # Only the log reader is used: no model, optimizer, steps or backup.
+    trainer = training.Trainer(None, None, None, training.TrainConfig(save_dir=str(tmp_path)), None)
     assert trainer._read_log(completed=2)["epoch"].tolist() == [0, 1]
     assert trainer._read_log(completed=0).empty
 
@@ -297,22 +290,22 @@ def test_resume_trims_log_rows_beyond_the_backup(tmp_path: Path) -> None:
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(npz: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture) -> None:
-    original = capsulenet.Trainer.run_epoch
+    original = training.Trainer.train_epoch
     saved: dict[str, bytes] = {}
 
-    def poisoned(self: capsulenet.Trainer, x: object, y: object, epoch: int, seed: int) -> dict:
+    def poisoned(self: training.Trainer, x: object, y: object, epoch: int, seed: int) -> dict:
         if epoch == 1:
             saved["best"] = (tmp_path / "weights-01.weights.h5").read_bytes()
             saved["state"] = (tmp_path / "backup" / "state.json").read_bytes()
-            real_step = self.train_step
-            self.train_step = lambda xb, yb: [v * np.nan for v in real_step(xb, yb)]
+            real_step = self.steps.train
+            self.steps.train = lambda xb, yb: real_step(xb, yb) * np.nan
         return original(self, x, y, epoch, seed)
 
-    monkeypatch.setattr(capsulenet.Trainer, "run_epoch", poisoned)
+    monkeypatch.setattr(training.Trainer, "train_epoch", poisoned)
     code = capsulenet.main(["--dataset", str(npz), "--save_dir", str(tmp_path), "--epochs", "3",
                             "--batch_size", "40", "--seed", "1", "-r", "1"])
     err = capsys.readouterr().err
-    assert code == capsulenet.EXIT_DIVERGED
+    assert code == errors.EXIT_DIVERGED
     assert "loss became nan at epoch 2, step 1" in err
     assert (tmp_path / "weights-01.weights.h5").read_bytes() == saved["best"]
     assert (tmp_path / "backup" / "state.json").read_bytes() == saved["state"]
@@ -339,8 +332,7 @@ def _killed_mid_epoch(args: list[str], save_dir: Path, after_epochs: int) -> Non
     """Starts training, waits until `after_epochs` epochs are backed up and the next has begun, then
     SIGKILLs it."""
     state = save_dir / "backup" / "state.json"
-    proc = subprocess.Popen([sys.executable, str(REPO / "capsulenet.py"), *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_script("capsulenet.py", *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -407,26 +399,28 @@ def test_resume_with_other_flags_is_refused(npz_300: Path, tmp_path: Path) -> No
 
 
 def test_backup_keeps_two_epochs_and_rolls_back(tmp_path: Path) -> None:
-    args = capsulenet.build_parser().parse_args(["--save_dir", str(tmp_path), "--seed", "3", "-r", "1"])
     model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, 1)
-    model.compile(optimizer=capsulenet.make_optimizer(args, steps_per_epoch=10))
-    trainer = capsulenet.Trainer(model, args)
-    trainer.optimizer.build(model.trainable_variables)
-    flags = {k: getattr(args, k) for k in capsulenet.RESUME_FLAGS}
+    optimizer = training.make_optimizer(0.001, 0.9, steps_per_epoch=10)
+    optimizer.build(model.trainable_variables)
+    flags = {"batch_size": 100, "lr": 0.001}
+    backup = Backup(tmp_path / "backup", flags=flags)
     bias = model.get_layer("conv1").bias
     for epoch in (1, 2, 3):
         bias.assign(np.full(bias.shape, float(epoch), "float32"))
-        trainer._backup(capsulenet.RunState(epoch=epoch, best=epoch / 10, seed=3, flags=flags))
-    backup = tmp_path / "backup"
-    assert capsulenet.backup_epochs(backup) == [2, 3]
-    assert capsulenet.backup_epoch(backup) == 3
+        backup.save(RunState(epoch=epoch, best=epoch / 10, seed=3, flags=flags), model, optimizer)
+    assert backup.epochs() == [2, 3]
+    assert backup.latest_epoch() == 3
 
-    capsulenet.rollback_backup(backup, 2)
-    assert capsulenet.backup_epoch(backup) == 2
+    backup.roll_back(2)
+    assert backup.latest_epoch() == 2
     bias.assign(np.zeros(bias.shape, "float32"))
-    state = trainer._restore()
+    state = backup.restore(model, optimizer)
     assert (state.epoch, state.best, state.seed) == (2, 0.2, 3)
     np.testing.assert_array_equal(np.asarray(bias), 2.0)
 
-    capsulenet.rollback_backup(backup, 0)  # epoch 0: start over
-    assert not backup.exists() and capsulenet.backup_epoch(backup) == 0
+    with pytest.raises(UserError, match="--lr was 0.001, now 0.002"):
+        Backup(tmp_path / "backup", flags={**flags, "lr": 0.002}).restore(model, optimizer)
+
+    backup.roll_back(0)  # epoch 0: start over
+    assert not backup.directory.exists() and backup.latest_epoch() == 0
+    assert backup.restore(model, optimizer) is None

@@ -1,0 +1,224 @@
+"""What differs per Keras backend: how one training or validation step runs, and on which devices.
+
+`training.Trainer` runs the same epoch loop on every backend; it asks a *steps* object for
+
+- `build_optimizer()`: create the optimizer's variables (before a backup is restored into them);
+- `reload()`: take the model's and optimizer's variables as the state to train from;
+- `train(x, y)` / `evaluate(x, y)`: one step on a NumPy batch, returning the sums over its samples of
+  `training.SUMS` (total loss, margin loss, reconstruction MSE, correct predictions) as a NumPy array;
+- `sync()`: make the model's and optimizer's variables hold the trained values (before they are saved).
+
+Two implementations:
+
+- `TensorFlowSteps`: a `tf.function` step under any `tf.distribute` strategy (one device,
+  `MirroredStrategy` over several, `MultiWorkerMirroredStrategy` over machines, under which Keras 3's
+  `model.fit` fails: keras-team/keras#20585); each replica takes its slice of the global batch, and the
+  Keras optimizer all-reduces the gradients.
+- `JaxSteps`: a `jax.jit` pure function of the variables (`model.stateless_call`,
+  `optimizer.stateless_apply`), data-parallel through `keras.distribution.DataParallel` when one is set:
+  the batch is sharded over the devices and XLA inserts the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from losses import per_sample_terms
+
+
+def make_steps(model: keras.Model, optimizer: Any, lam_recon: float, batch_size: int,
+               strategy: Any = None) -> Any:
+    """The steps object for the current Keras backend.
+
+    Args:
+        model: the train model `[x, y] -> [lengths, reconstruction]`.
+        optimizer: the optimizer to apply (built here if needed).
+        lam_recon: weight of the reconstruction MSE in the loss.
+        batch_size: the global batch size; each step's loss is its sum over the samples divided by it,
+            so that summing over replicas gives the global batch mean.
+        strategy: TensorFlow only: the `tf.distribute` strategy (default: the current one).
+
+    Raises:
+        ValueError: the backend is neither TensorFlow nor JAX.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return TensorFlowSteps(model, optimizer, lam_recon, batch_size, strategy)
+    if backend == "jax":
+        return JaxSteps(model, optimizer, lam_recon, batch_size)
+    raise ValueError(f"the {backend} backend is not supported for training; use tensorflow or jax")
+
+
+class TensorFlowSteps:
+    """Steps as `tf.function`s under a `tf.distribute` strategy.
+
+    Args:
+        model, optimizer, lam_recon, batch_size: see `make_steps`.
+        strategy: the `tf.distribute` strategy; the current one (one device) by default.
+        jit_compile: compile the steps with XLA (measured ~20x slower on a 2-core CPU: off by default).
+    """
+
+    def __init__(self, model: keras.Model, optimizer: Any, lam_recon: float, batch_size: int,
+                 strategy: Any = None, jit_compile: bool = False) -> None:
+        import tensorflow as tf
+
+        self.tf = tf
+        self.model = model
+        self.optimizer = optimizer
+        self.lam_recon = lam_recon
+        self.batch_size = batch_size
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.replicas = self.strategy.num_replicas_in_sync
+        self.train_step = tf.function(self._train_step, jit_compile=jit_compile, reduce_retracing=True)
+        self.eval_step = tf.function(self._eval_step, jit_compile=jit_compile, reduce_retracing=True)
+
+    def build_optimizer(self) -> None:
+        with self.strategy.scope():  # the optimizer's slots are mirrored like the weights
+            self.optimizer.build(self.model.trainable_variables)
+
+    def reload(self) -> None:
+        """Nothing to do: the steps read the variables themselves."""
+
+    def sync(self) -> None:
+        """Nothing to do: the steps update the variables themselves."""
+
+    def train(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.array([float(v) for v in self.train_step(self._split(x), self._split(y))])
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        if len(x) < self.replicas:
+            # Some replica would get an empty slice, which the convolutions refuse: a batch this small
+            # is evaluated on one device.
+            return np.array([float(v) for v in self._replica_eval_step(x, y)])
+        return np.array([float(v) for v in self.eval_step(self._split(x), self._split(y))])
+
+    # -- inside the strategy -----------------------------------------------------------------
+
+    def _split(self, array: np.ndarray) -> Any:
+        """The global batch as each replica's slice (replica i of n takes the i-th of n near-equal
+        parts, as `tf.data` rebatching would), or as it is on one device."""
+        if self.replicas == 1:
+            return self.tf.constant(array)
+        parts = np.array_split(array, self.replicas)
+        return self.strategy.experimental_distribute_values_from_function(
+            lambda context: self.tf.constant(parts[context.replica_id_in_sync_group]))
+
+    def _replica_terms(self, x: Any, y: Any, training: bool) -> tuple[Any, ...]:
+        lengths, recon = self.model([x, y], training=training)
+        return per_sample_terms(x, y, lengths, recon, self.lam_recon)
+
+    def _replica_train_step(self, x: Any, y: Any) -> list[Any]:
+        with self.tf.GradientTape() as tape:
+            terms = self._replica_terms(x, y, training=True)
+            # Sum over the replica's samples / global batch: the all-reduced SUM of gradients is then
+            # the gradient of the global batch mean.
+            loss = keras.ops.sum(terms[0]) / self.batch_size
+            scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
+        variables = self.model.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+        return [keras.ops.sum(t) for t in terms]
+
+    def _replica_eval_step(self, x: Any, y: Any) -> list[Any]:
+        return [keras.ops.sum(t) for t in self._replica_terms(x, y, training=False)]
+
+    def _reduce(self, per_replica: list[Any]) -> list[Any]:
+        return [self.strategy.reduce(self.tf.distribute.ReduceOp.SUM, v, axis=None) for v in per_replica]
+
+    def _train_step(self, x: Any, y: Any) -> list[Any]:
+        return self._reduce(self.strategy.run(self._replica_train_step, args=(x, y)))
+
+    def _eval_step(self, x: Any, y: Any) -> list[Any]:
+        return self._reduce(self.strategy.run(self._replica_eval_step, args=(x, y)))
+
+
+class JaxSteps:
+    """Steps as `jax.jit` pure functions of the variables.
+
+    The variables live in `self.state` between `reload()` and `sync()`, as in Keras' own JAX trainer.
+    Under `keras.distribution.DataParallel` (set before the model is built, so that its variables are
+    replicated) each batch is sharded over the devices; XLA then sums the gradients across them.
+    Validation batches are padded to the full batch size and the padding masked out, so that one
+    compiled step serves every batch and every batch divides over the devices.
+    """
+
+    def __init__(self, model: keras.Model, optimizer: Any, lam_recon: float, batch_size: int) -> None:
+        import jax
+
+        self.jax = jax
+        self.model = model
+        self.optimizer = optimizer
+        self.lam_recon = lam_recon
+        self.batch_size = batch_size
+        self.distribution = keras.distribution.distribution()
+        self.replicas = len(self.distribution.device_mesh.devices.flat) if self.distribution else 1
+        self.state: tuple | None = None
+        self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_step)
+
+    def build_optimizer(self) -> None:
+        self.optimizer.build(self.model.trainable_variables)
+
+    def reload(self) -> None:
+        self.state = (
+            [v.value for v in self.model.trainable_variables],
+            [v.value for v in self.model.non_trainable_variables],
+            [v.value for v in self.optimizer.variables],
+        )
+
+    def sync(self) -> None:
+        trainable, non_trainable, optimizer = self.state
+        for variables, values in ((self.model.trainable_variables, trainable),
+                                  (self.model.non_trainable_variables, non_trainable),
+                                  (self.optimizer.variables, optimizer)):
+            for variable, value in zip(variables, values, strict=True):
+                variable.assign(value)
+
+    def train(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        self.state, sums = self.train_step(self.state, self._place(x), self._place(y))
+        return np.asarray(sums, dtype=np.float64)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        n = len(x)
+        weight = np.zeros(self.batch_size, dtype="float32")
+        weight[:n] = 1.0
+        pad = [(0, self.batch_size - n)] + [(0, 0)] * (x.ndim - 1)
+        x = np.pad(x, pad)
+        y = np.pad(y, pad[:2])
+        sums = self.eval_step(self.state, self._place(x), self._place(y), self._place(weight))
+        return np.asarray(sums, dtype=np.float64)
+
+    def _place(self, array: np.ndarray) -> Any:
+        """The batch on the devices: sharded along its first axis under a distribution."""
+        if self.distribution is None:
+            return array
+        layout = self.distribution.get_data_layout(array.shape)
+        return keras.distribution.distribute_tensor(array, layout)
+
+    # -- pure functions (traced by jax.jit) ----------------------------------------------------
+
+    def _terms(self, trainable: list, non_trainable: list, x: Any, y: Any, training: bool
+               ) -> tuple[tuple[Any, ...], list]:
+        (lengths, recon), non_trainable = self.model.stateless_call(
+            trainable, non_trainable, [x, y], training=training)
+        return per_sample_terms(x, y, lengths, recon, self.lam_recon), non_trainable
+
+    def _train_step(self, state: tuple, x: Any, y: Any) -> tuple[tuple, Any]:
+        trainable, non_trainable, optimizer = state
+
+        def loss(trainable: list) -> tuple[Any, tuple]:
+            terms, new_non_trainable = self._terms(trainable, non_trainable, x, y, training=True)
+            return keras.ops.sum(terms[0]) / self.batch_size, (terms, new_non_trainable)
+
+        (_, (terms, non_trainable)), grads = self.jax.value_and_grad(loss, has_aux=True)(trainable)
+        trainable, optimizer = self.optimizer.stateless_apply(optimizer, grads, trainable)
+        sums = keras.ops.stack([keras.ops.sum(t) for t in terms])
+        return (trainable, non_trainable, optimizer), sums
+
+    def _eval_step(self, state: tuple, x: Any, y: Any, weight: Any) -> Any:
+        trainable, non_trainable, _ = state
+        terms, _ = self._terms(trainable, non_trainable, x, y, training=False)
+        return keras.ops.stack([keras.ops.sum(t * weight) for t in terms])

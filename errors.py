@@ -1,0 +1,16 @@
+"""The errors the command line turns into one line and an exit code (see `capsulenet.main`)."""
+
+from __future__ import annotations
+
+EXIT_OS_ERROR = 1  # a full disk, a vanished folder: the message names the file
+EXIT_BAD_INPUT = 2  # argparse's own code for a bad flag; ours for bad files and data too
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+
+
+class UserError(Exception):
+    """A problem with the user's flags or files: printed as one line, exit code 2."""
+
+
+class TrainingDivergedError(Exception):
+    """The loss became NaN or inf; the last good checkpoint and backup are kept (exit code 3)."""
