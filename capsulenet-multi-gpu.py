@@ -42,6 +42,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the CLI
 
 import capsulenet  # noqa: E402 - imports TensorFlow but initialises no device
+import utils  # noqa: E402
 from backup import Backup  # noqa: E402
 from errors import UserError  # noqa: E402
 
@@ -162,6 +163,54 @@ def make_strategy(args: argparse.Namespace, task: Task | None) -> Any:
     return strategy
 
 
+def jax_devices(args: argparse.Namespace) -> list[Any]:
+    """The JAX devices to train on: the first `--gpus` GPUs, or with `--cpu` as many CPU devices
+    (split from the processor, as TensorFlow's logical devices); must run before JAX initialises.
+
+    Raises:
+        UserError: more GPUs are asked for than are visible.
+    """
+    import jax
+
+    try:
+        if args.cpu:
+            jax.config.update("jax_platforms", "cpu")
+            jax.config.update("jax_num_cpu_devices", args.gpus)
+            return jax.devices("cpu")[: args.gpus]
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    except RuntimeError as e:  # JAX was initialised earlier in this process
+        raise UserError(f"--gpus/--cpu: devices can no longer be configured ({e})") from e
+    if args.gpus > len(gpus):
+        visible = (f"only {len(gpus)} GPU(s) are visible ({', '.join(str(g) for g in gpus)})"
+                   if gpus else "no GPU is visible")
+        raise UserError(f"--gpus {args.gpus}: {visible}; ask for fewer, or add --cpu to "
+                        f"train on {args.gpus} CPU devices")
+    return gpus[: args.gpus]
+
+
+def train_data_parallel_jax(args: argparse.Namespace, task: Task | None) -> None:
+    """The JAX backend: `keras.distribution.DataParallel` over the devices (the batch is sharded,
+    XLA all-reduces the gradients), then the same test on one device."""
+    import keras
+
+    if task is not None:
+        raise UserError("TF_CONFIG: training across machines runs on the TensorFlow backend "
+                        "(MultiWorkerMirroredStrategy); on JAX, train on one machine's GPUs with --gpus N")
+    devices = jax_devices(args)
+    if args.batch_size % len(devices):
+        raise UserError(f"--batch_size {args.batch_size}: must be a multiple of the number of devices "
+                        f"({len(devices)}) on the JAX backend; each takes an equal share")
+    if args.testing:  # a test needs no replicas
+        capsulenet.run(args)
+        return
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    print(f"Data-parallel on {len(devices)} replica(s) (keras.distribution.DataParallel; this machine: "
+          f"{', '.join(str(d) for d in devices)})")
+    capsulenet.run(args, on_model=lambda model: utils.plot_model(model, Path(args.save_dir) / "model.png"))
+    keras.distribution.set_distribution(None)
+    test_alone(args)
+
+
 def sum_over_workers(strategy: Any, values: Sequence[int]) -> list[int]:
     """Element-wise sum of every worker's `values` (each worker counted once, whatever its number
     of replicas), on every worker; also a barrier."""
@@ -212,21 +261,6 @@ def agree_on_resume_point(strategy: Any, backup_dir: Path, epochs: int) -> None:
     backup.roll_back(common)
 
 
-def plot_model(model: Any, save_dir: str) -> None:
-    """Draws `model.png` as the original did; skipped with a note without pydot and graphviz."""
-    import keras
-
-    path = Path(save_dir) / "model.png"
-    try:
-        import pydot
-
-        pydot.Dot.create(pydot.Dot())  # fails without graphviz's `dot` program
-    except Exception as e:  # ImportError, OSError or pydot's own error type
-        print(f"Note: {path} not drawn, plot_model needs pydot and graphviz ({type(e).__name__})")
-        return
-    keras.utils.plot_model(model, to_file=str(path), show_shapes=True)
-
-
 def describe(strategy: Any, task: Task | None) -> str:
     """One line naming the replicas, e.g. for the log."""
     devices = ", ".join(strategy.extended.worker_devices)
@@ -266,6 +300,9 @@ def train_distributed(args: argparse.Namespace) -> None:
     # Every flag error before TensorFlow starts.
     capsulenet.validate_args(args, extra=[("--gpus", args.gpus >= 1, "must be >= 1")])
     task = read_tf_config()
+    if capsulenet.keras.backend.backend() == "jax":
+        train_data_parallel_jax(args, task)
+        return
     is_chief = task is None or task.is_chief
     if args.testing:  # a test needs neither replicas nor the other workers
         if args.cpu:
@@ -275,6 +312,10 @@ def train_distributed(args: argparse.Namespace) -> None:
         else:
             print(f"{task.type} {task.index}: -t runs on the chief only; nothing to do here")
         return
+
+    def draw(model: Any) -> None:
+        utils.plot_model(model, Path(args.save_dir) / "model.png")
+
     strategy = make_strategy(args, task)
     check_batch(args, strategy)
     if task is not None:
@@ -282,14 +323,14 @@ def train_distributed(args: argparse.Namespace) -> None:
     if is_chief:
         print(describe(strategy, task))
     if task is None:
-        capsulenet.run(args, strategy=strategy, on_model=lambda m: plot_model(m, args.save_dir))
+        capsulenet.run(args, strategy=strategy, on_model=draw)
         test_alone(args)
         return
     backup_dir = Path(args.save_dir) / task.backup_dir_name
     with peers_watched(args, task):
         agree_on_resume_point(strategy, backup_dir, args.epochs)
         capsulenet.run(args, strategy=strategy, is_chief=is_chief, backup_dir=str(backup_dir),
-                       on_model=lambda m: plot_model(m, args.save_dir))
+                       on_model=draw)
         if is_chief:
             test_alone(args)
         # Leave together: a worker that exits early looks like a crash to the others.

@@ -52,6 +52,8 @@ CAPSULE_DIM = 16
 # Offsets added to one capsule dimension in the manipulation plot: -0.25, -0.2, ..., 0.25.
 PERTURBATIONS = np.round(np.arange(-0.25, 0.25 + 1e-9, 0.05), 2)
 BACKUP_DIR = "backup"
+# The backends with a training step in backends.py. PyTorch would need a third step of its own.
+SUPPORTED_BACKENDS = ("tensorflow", "jax")
 # Flags that must match for a run to resume where another stopped.
 RESUME_FLAGS = ("batch_size", "lr", "lr_decay", "lam_recon", "routings", "shift_fraction", "dataset")
 
@@ -296,6 +298,10 @@ def validate_args(args: argparse.Namespace, extra: Sequence[tuple[str, bool, str
         if not ok:
             value = getattr(args, flag.split("--")[-1])
             raise UserError(f"{flag} {value}: {rule}")
+    backend = keras.backend.backend()
+    if backend not in SUPPORTED_BACKENDS:
+        raise UserError(f"KERAS_BACKEND={backend}: not supported; this project trains and tests on "
+                        "tensorflow (the default) or jax (KERAS_BACKEND=jax)")
     if args.weights is not None and not os.path.isfile(saving.resolve_weights_path(args.weights)):
         raise UserError(f"-w {args.weights}: no such file")
     if args.debug and not args.testing:
@@ -381,6 +387,7 @@ def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, b
     if args.weights is not None:
         print(f"Loaded weights from {saving.load_weights(model, args.weights)}")
     if not args.testing:
+        warn_if_slow_backend()
         backup = Backup(backup_dir or Path(args.save_dir) / BACKUP_DIR,
                         flags={k: getattr(args, k) for k in RESUME_FLAGS})
         train(model, eval_model, optimizer, data, config, backup, strategy=strategy, is_chief=is_chief)
@@ -394,6 +401,18 @@ def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, b
     if is_chief:
         manipulate_latent(manipulate_model, test_data, args.digit, args.save_dir)
         test(eval_model, test_data, args.batch_size, args.save_dir)
+
+
+def warn_if_slow_backend() -> None:
+    """One line when training would be far slower than it needs to be: JAX on a CPU."""
+    if keras.backend.backend() != "jax":
+        return
+    import jax
+
+    if jax.default_backend() == "cpu":
+        print("Warning: JAX is running on the CPU, where XLA's convolution backward was measured at "
+              "15-23 s per training step (batch 100, 2 cores); TensorFlow, the default backend, is "
+              "much faster on CPUs (unset KERAS_BACKEND). JAX is this project's GPU backend.")
 
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None,

@@ -241,6 +241,8 @@ class Trainer:
                                  + [f"{k}: {v:.4f}" for k, v in row.items() if k != "epoch"]))
             log = pd.concat([log, pd.DataFrame([row])], ignore_index=True)
             state = self._end_epoch(epoch, row, log, state, tensorboard)
+        if tensorboard is not None:
+            tensorboard.close()
         return log
 
     def train_epoch(self, x: np.ndarray, y: np.ndarray, epoch: int, seed: int) -> dict[str, float]:
@@ -311,22 +313,40 @@ class Trainer:
 
 
 class TensorBoardLog:
-    """`--debug`: each epoch's scalars and a histogram of every trainable weight, in TensorBoard's event
-    format (`tf.summary` writes them; TensorBoard shows them)."""
+    """`--debug`: each epoch's scalars and a histogram of every trainable weight, as TensorBoard event
+    files in `log_dir`.
+
+    Written with the `tensorboard` package's own event writer and protocol buffers, which need no
+    TensorFlow: the same files come from every Keras backend.
+    """
+
+    HISTOGRAM_BINS = 30  # TensorBoard re-bins for display; 30 keeps the event files small
 
     def __init__(self, log_dir: str | Path) -> None:
-        import tensorflow as tf
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        self.tf = tf
-        self.writer = tf.summary.create_file_writer(str(log_dir))
+        self.writer = EventFileWriter(str(log_dir))
 
     def write(self, epoch: int, scalars: dict[str, float], weights: list[Any]) -> None:
-        with self.writer.as_default(step=epoch):
-            for key, value in scalars.items():
-                self.tf.summary.scalar(key, value)
-            for weight in weights:
-                self.tf.summary.histogram(weight.path, np.asarray(weight))
+        """Appends one event at step `epoch`: `scalars` by name, one histogram per weight by its path."""
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        values = [summary_pb2.Summary.Value(tag=key, simple_value=float(value))
+                  for key, value in scalars.items()]
+        for weight in weights:
+            array = np.asarray(weight, dtype=np.float64).ravel()
+            counts, edges = np.histogram(array, bins=self.HISTOGRAM_BINS)
+            histogram = summary_pb2.HistogramProto(
+                min=float(array.min()), max=float(array.max()), num=float(array.size),
+                sum=float(array.sum()), sum_squares=float(np.square(array).sum()),
+                bucket_limit=edges[1:].tolist(), bucket=counts.astype(float).tolist())
+            values.append(summary_pb2.Summary.Value(tag=weight.path, histo=histogram))
+        self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=epoch,
+                                              summary=summary_pb2.Summary(value=values)))
         self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:

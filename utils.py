@@ -324,3 +324,27 @@ def plot_log(filename: str | os.PathLike, show: bool = False) -> str:
         plt.show()
     plt.close(fig)
     return out
+
+
+def plot_model(model: object, path: str | os.PathLike) -> bool:
+    """Draws the model diagram (`model.png`, as the original did) with `keras.utils.plot_model`.
+
+    pydot and Graphviz's `dot` program are optional: without them one line says so and nothing is
+    drawn.
+
+    Returns:
+        whether the picture was drawn.
+    """
+    import keras
+
+    try:
+        import pydot
+
+        pydot.Dot.create(pydot.Dot())  # fails without graphviz's `dot` program
+    except Exception as e:  # ImportError, OSError or pydot's own error type
+        print(f"Note: {path} not drawn, plot_model needs pydot and graphviz ({type(e).__name__}; "
+              "pip install pydot, apt-get install graphviz)")
+        return False
+    with atomic_path(path) as tmp:
+        keras.utils.plot_model(model, to_file=tmp, show_shapes=True)
+    return True
