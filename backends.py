@@ -4,8 +4,9 @@
 
 - `build_optimizer()`: create the optimizer's variables (before a backup is restored into them);
 - `reload()`: take the model's and optimizer's variables as the state to train from;
-- `train(x, y)` / `evaluate(x, y)`: one step on a NumPy batch, returning the sums over its samples of
-  `training.SUMS` (total loss, margin loss, reconstruction MSE, correct predictions) as a NumPy array;
+- `train(*batch)` / `evaluate(*batch)`: one step on a batch of NumPy arrays (`(x, y)`, or what the
+  `losses.Objective` takes), returning the sums over its samples of `training.SUMS` (total loss, margin
+  loss, reconstruction MSE, correct predictions) as a NumPy array;
 - `sync()`: make the model's and optimizer's variables hold the trained values (before they are saved).
 
 Two implementations:
@@ -26,11 +27,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from losses import per_sample_terms
+from losses import ONE_DIGIT, Objective
 
 
 def make_steps(model: keras.Model, optimizer: Any, lam_recon: float, batch_size: int,
-               strategy: Any = None) -> Any:
+               strategy: Any = None, objective: Objective = ONE_DIGIT) -> Any:
     """The steps object for the current Keras backend.
 
     Args:
@@ -40,15 +41,16 @@ def make_steps(model: keras.Model, optimizer: Any, lam_recon: float, batch_size:
         batch_size: the global batch size; each step's loss is its sum over the samples divided by it,
             so that summing over replicas gives the global batch mean.
         strategy: TensorFlow only: the `tf.distribute` strategy (default: the current one).
+        objective: how a batch feeds the model and what is summed (`losses.ONE_DIGIT`, `TWO_DIGITS`).
 
     Raises:
         ValueError: the backend is neither TensorFlow nor JAX.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        return TensorFlowSteps(model, optimizer, lam_recon, batch_size, strategy)
+        return TensorFlowSteps(model, optimizer, lam_recon, batch_size, strategy, objective=objective)
     if backend == "jax":
-        return JaxSteps(model, optimizer, lam_recon, batch_size)
+        return JaxSteps(model, optimizer, lam_recon, batch_size, objective=objective)
     raise ValueError(f"the {backend} backend is not supported for training; use tensorflow or jax")
 
 
@@ -62,10 +64,11 @@ class TensorFlowSteps:
     """
 
     def __init__(self, model: keras.Model, optimizer: Any, lam_recon: float, batch_size: int,
-                 strategy: Any = None, jit_compile: bool = False) -> None:
+                 strategy: Any = None, jit_compile: bool = False, objective: Objective = ONE_DIGIT) -> None:
         import tensorflow as tf
 
         self.tf = tf
+        self.objective = objective
         self.model = model
         self.optimizer = optimizer
         self.lam_recon = lam_recon
@@ -85,15 +88,15 @@ class TensorFlowSteps:
     def sync(self) -> None:
         """Nothing to do: the steps update the variables themselves."""
 
-    def train(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return np.array([float(v) for v in self.train_step(self._split(x), self._split(y))])
+    def train(self, *batch: np.ndarray) -> np.ndarray:
+        return np.array([float(v) for v in self.train_step(*(self._split(a) for a in batch))])
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        if len(x) < self.replicas:
+    def evaluate(self, *batch: np.ndarray) -> np.ndarray:
+        if len(batch[0]) < self.replicas:
             # Some replica would get an empty slice, which the convolutions refuse: a batch this small
             # is evaluated on one device.
-            return np.array([float(v) for v in self._replica_eval_step(x, y)])
-        return np.array([float(v) for v in self.eval_step(self._split(x), self._split(y))])
+            return np.array([float(v) for v in self._replica_eval_step(*batch)])
+        return np.array([float(v) for v in self.eval_step(*(self._split(a) for a in batch))])
 
     # -- inside the strategy -----------------------------------------------------------------
 
@@ -106,13 +109,13 @@ class TensorFlowSteps:
         return self.strategy.experimental_distribute_values_from_function(
             lambda context: self.tf.constant(parts[context.replica_id_in_sync_group]))
 
-    def _replica_terms(self, x: Any, y: Any, training: bool) -> tuple[Any, ...]:
-        lengths, recon = self.model([x, y], training=training)
-        return per_sample_terms(x, y, lengths, recon, self.lam_recon)
+    def _replica_terms(self, batch: tuple[Any, ...], training: bool) -> tuple[Any, ...]:
+        outputs = self.model(self.objective.inputs(batch), training=training)
+        return self.objective.terms(batch, outputs, self.lam_recon)
 
-    def _replica_train_step(self, x: Any, y: Any) -> list[Any]:
+    def _replica_train_step(self, *batch: Any) -> list[Any]:
         with self.tf.GradientTape() as tape:
-            terms = self._replica_terms(x, y, training=True)
+            terms = self._replica_terms(batch, training=True)
             # Sum over the replica's samples / global batch: the all-reduced SUM of gradients is then
             # the gradient of the global batch mean.
             loss = keras.ops.sum(terms[0]) / self.batch_size
@@ -122,17 +125,17 @@ class TensorFlowSteps:
         self.optimizer.apply_gradients(zip(grads, variables, strict=True))
         return [keras.ops.sum(t) for t in terms]
 
-    def _replica_eval_step(self, x: Any, y: Any) -> list[Any]:
-        return [keras.ops.sum(t) for t in self._replica_terms(x, y, training=False)]
+    def _replica_eval_step(self, *batch: Any) -> list[Any]:
+        return [keras.ops.sum(t) for t in self._replica_terms(batch, training=False)]
 
     def _reduce(self, per_replica: list[Any]) -> list[Any]:
         return [self.strategy.reduce(self.tf.distribute.ReduceOp.SUM, v, axis=None) for v in per_replica]
 
-    def _train_step(self, x: Any, y: Any) -> list[Any]:
-        return self._reduce(self.strategy.run(self._replica_train_step, args=(x, y)))
+    def _train_step(self, *batch: Any) -> list[Any]:
+        return self._reduce(self.strategy.run(self._replica_train_step, args=batch))
 
-    def _eval_step(self, x: Any, y: Any) -> list[Any]:
-        return self._reduce(self.strategy.run(self._replica_eval_step, args=(x, y)))
+    def _eval_step(self, *batch: Any) -> list[Any]:
+        return self._reduce(self.strategy.run(self._replica_eval_step, args=batch))
 
 
 class JaxSteps:
@@ -145,10 +148,12 @@ class JaxSteps:
     compiled step serves every batch and every batch divides over the devices.
     """
 
-    def __init__(self, model: keras.Model, optimizer: Any, lam_recon: float, batch_size: int) -> None:
+    def __init__(self, model: keras.Model, optimizer: Any, lam_recon: float, batch_size: int,
+                 objective: Objective = ONE_DIGIT) -> None:
         import jax
 
         self.jax = jax
+        self.objective = objective
         self.model = model
         self.optimizer = optimizer
         self.lam_recon = lam_recon
@@ -177,18 +182,16 @@ class JaxSteps:
             for variable, value in zip(variables, values, strict=True):
                 variable.assign(value)
 
-    def train(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        self.state, sums = self.train_step(self.state, self._place(x), self._place(y))
+    def train(self, *batch: np.ndarray) -> np.ndarray:
+        self.state, sums = self.train_step(self.state, tuple(self._place(a) for a in batch))
         return np.asarray(sums, dtype=np.float64)
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        n = len(x)
+    def evaluate(self, *batch: np.ndarray) -> np.ndarray:
+        n = len(batch[0])
         weight = np.zeros(self.batch_size, dtype="float32")
         weight[:n] = 1.0
-        pad = [(0, self.batch_size - n)] + [(0, 0)] * (x.ndim - 1)
-        x = np.pad(x, pad)
-        y = np.pad(y, pad[:2])
-        sums = self.eval_step(self.state, self._place(x), self._place(y), self._place(weight))
+        padded = tuple(np.pad(a, [(0, self.batch_size - n)] + [(0, 0)] * (a.ndim - 1)) for a in batch)
+        sums = self.eval_step(self.state, tuple(self._place(a) for a in padded), self._place(weight))
         return np.asarray(sums, dtype=np.float64)
 
     def _place(self, array: np.ndarray) -> Any:
@@ -200,17 +203,17 @@ class JaxSteps:
 
     # -- pure functions (traced by jax.jit) ----------------------------------------------------
 
-    def _terms(self, trainable: list, non_trainable: list, x: Any, y: Any, training: bool
+    def _terms(self, trainable: list, non_trainable: list, batch: tuple, training: bool
                ) -> tuple[tuple[Any, ...], list]:
-        (lengths, recon), non_trainable = self.model.stateless_call(
-            trainable, non_trainable, [x, y], training=training)
-        return per_sample_terms(x, y, lengths, recon, self.lam_recon), non_trainable
+        outputs, non_trainable = self.model.stateless_call(
+            trainable, non_trainable, self.objective.inputs(batch), training=training)
+        return self.objective.terms(batch, outputs, self.lam_recon), non_trainable
 
-    def _train_step(self, state: tuple, x: Any, y: Any) -> tuple[tuple, Any]:
+    def _train_step(self, state: tuple, batch: tuple) -> tuple[tuple, Any]:
         trainable, non_trainable, optimizer = state
 
         def loss(trainable: list) -> tuple[Any, tuple]:
-            terms, new_non_trainable = self._terms(trainable, non_trainable, x, y, training=True)
+            terms, new_non_trainable = self._terms(trainable, non_trainable, batch, training=True)
             return keras.ops.sum(terms[0]) / self.batch_size, (terms, new_non_trainable)
 
         (_, (terms, non_trainable)), grads = self.jax.value_and_grad(loss, has_aux=True)(trainable)
@@ -218,7 +221,7 @@ class JaxSteps:
         sums = keras.ops.stack([keras.ops.sum(t) for t in terms])
         return (trainable, non_trainable, optimizer), sums
 
-    def _eval_step(self, state: tuple, x: Any, y: Any, weight: Any) -> Any:
+    def _eval_step(self, state: tuple, batch: tuple, weight: Any) -> Any:
         trainable, non_trainable, _ = state
-        terms, _ = self._terms(trainable, non_trainable, x, y, training=False)
+        terms, _ = self._terms(trainable, non_trainable, batch, training=False)
         return keras.ops.stack([keras.ops.sum(t * weight) for t in terms])

@@ -110,7 +110,9 @@ class Backup:
         saved = json.loads(path.read_text())
         checkpoint = self.directory / saved.pop("checkpoint")
         state = RunState(**saved)
-        changed = {k: (state.flags.get(k), v) for k, v in self.flags.items() if state.flags.get(k) != v}
+        # Either side may name a flag the other lacks (e.g. --multimnist): that is a difference too.
+        changed = {k: (state.flags.get(k), self.flags.get(k)) for k in {**state.flags, **self.flags}
+                   if state.flags.get(k) != self.flags.get(k)}
         if changed:
             detail = ", ".join(f"--{k} was {old}, now {new}" for k, (old, new) in changed.items())
             raise UserError(f"{self.directory} holds an unfinished run with other flags ({detail}); "

@@ -40,7 +40,11 @@ with utils.native_stderr_quiet():
 from keras import layers  # noqa: E402
 
 import backends  # noqa: E402
+import deploy  # noqa: E402
 import errors  # noqa: E402
+import image_folder  # noqa: E402
+import losses  # noqa: E402
+import multimnist  # noqa: E402
 import saving  # noqa: E402
 import training  # noqa: E402
 from backup import Backup  # noqa: E402
@@ -122,6 +126,25 @@ def CapsNet(  # noqa: N802 - the original's public name
     return train_model, eval_model, manipulate_model
 
 
+def two_digit_train_model(train_model: keras.Model) -> keras.Model:
+    """The MultiMNIST train model (paper section 6), sharing every layer of `train_model`.
+
+    `[x, y_first, y_second] -> [lengths, reconstruction of first, reconstruction of second]`: each digit
+    is decoded from its own capsule, masked by its own one-hot label `[batch, n_class]`.
+    """
+    digitcaps = train_model.get_layer("digitcaps")
+    decoder = train_model.get_layer("decoder")
+    n_class = digitcaps.num_capsule
+    dtype = digitcaps.dtype_policy
+    y_first = layers.Input(shape=(n_class,), name="input_label_first")
+    y_second = layers.Input(shape=(n_class,), name="input_label_second")
+    recon_first = decoder(Mask(name="mask_first", dtype=dtype)([digitcaps.output, y_first]))
+    recon_second = decoder(Mask(name="mask_second", dtype=dtype)([digitcaps.output, y_second]))
+    return keras.Model([train_model.inputs[0], y_first, y_second],
+                       [train_model.get_layer("capsnet").output, recon_first, recon_second],
+                       name="capsnet_train_two_digits")
+
+
 def compile_like_original(model: keras.Model, optimizer: Any, lam_recon: float) -> None:
     """Compiles the train model as the original did (margin loss + lam_recon x MSE, accuracy), so that
     users who prefer `model.fit` can call it; `training.Trainer` computes the same losses itself."""
@@ -130,17 +153,19 @@ def compile_like_original(model: keras.Model, optimizer: Any, lam_recon: float) 
 
 
 def train(model: keras.Model, eval_model: keras.Model, optimizer: Any, data: utils.Dataset,
-          config: training.TrainConfig, backup: Backup, strategy: Any = None, is_chief: bool = True
-          ) -> None:
+          config: training.TrainConfig, backup: Backup, strategy: Any = None, is_chief: bool = True,
+          objective: losses.Objective = losses.ONE_DIGIT, batcher: Any = None) -> None:
     """Trains `model` (the train model) on `data`, validating on the test set every epoch.
 
     Writes to `config.save_dir`: `log.csv`, `weights-{epoch:02d}.weights.h5` (best on validation
     accuracy), `trained_model.weights.h5` and `log.png` (the chief only), and removes the backup once
-    the run is complete.
+    the run is complete. MultiMNIST passes its `objective` and `batcher` (`losses.TWO_DIGITS`,
+    `multimnist.PairBatcher`) with the two-digit train model.
     """
-    steps = backends.make_steps(model, optimizer, config.lam_recon, config.batch_size, strategy)
+    steps = backends.make_steps(model, optimizer, config.lam_recon, config.batch_size, strategy,
+                                objective=objective)
     trainer = training.Trainer(model, optimizer, steps, config, backup, is_chief=is_chief,
-                               weights_model=eval_model)
+                               weights_model=eval_model, batcher=batcher)
     trainer.fit(*data)
     if is_chief:
         path = Path(config.save_dir) / "trained_model.weights.h5"
@@ -177,6 +202,42 @@ def test(model: keras.Model, data: tuple[np.ndarray, np.ndarray], batch_size: in
     print(f"Reconstructed images are saved to {path}")
     print("-" * 30 + "End: test" + "-" * 30)
     return accuracy
+
+
+def test_two_digits(eval_model: keras.Model, pairs: Any, batch_size: int = 100,
+                    save_dir: str | os.PathLike = "./result") -> dict[str, float]:
+    """MultiMNIST's test: prints both metrics and writes `real_and_recon.png` as the paper's Figure 5.
+
+    An image counts as right only if its two longest capsules are exactly its two digits (the official
+    code's metric); "at least one" is also printed. The picture shows 50 overlaid inputs, then each one's
+    two predicted digits decoded from their own capsules, drawn in red and green over each other.
+
+    Args:
+        eval_model: `x -> [lengths, reconstruction]` for 36x36 inputs.
+        pairs: `multimnist.Pairs`, the test set.
+
+    Returns:
+        `{"both": ..., "at_least_one": ..., "error": ...}`.
+    """
+    lengths, _ = eval_model.predict(pairs.x, batch_size=batch_size, verbose=0)
+    scores = multimnist.accuracy(lengths, pairs.y)
+    print("-" * 30 + "Begin: test" + "-" * 30)
+    print(f"Test acc: {scores['both']:.4f} (both digits right; MultiMNIST error {scores['error']:.2%})")
+    print(f"Test acc, at least one digit right: {scores['at_least_one']:.4f}")
+    shown = pairs.take(slice(0, 50))
+    top2 = multimnist.two_longest(lengths[:50])
+    eye = np.eye(lengths.shape[1], dtype="float32")
+    decoder = eval_model.get_layer("decoder")
+    # Called directly, not with `predict`: a model built per call would make `predict` trace anew.
+    encoder = keras.Model(eval_model.inputs[0], eval_model.get_layer("digitcaps").output)
+    capsules = np.asarray(encoder(shown.x, training=False))  # [50, n_class, 16]
+    recons = [np.asarray(decoder((capsules * eye[top2[:, k]][:, :, None]).reshape(len(capsules), -1),
+                                 training=False)) for k in (0, 1)]
+    path = Path(save_dir) / "real_and_recon.png"
+    utils.save_image(multimnist.overlay_image(shown.x, *recons), path)
+    print(f"Reconstructed images are saved to {path}")
+    print("-" * 30 + "End: test" + "-" * 30)
+    return scores
 
 
 def pick_sample(y_test: np.ndarray, digit: int, rng: np.random.Generator | None = None) -> int:
@@ -218,10 +279,12 @@ def manipulate_latent(model: keras.Model, data: tuple[np.ndarray, np.ndarray], d
     index = pick_sample(y_test, digit, rng)
     noise = perturbation_grid(y_test.shape[1])
     encoder = keras.Model(model.inputs[0], model.get_layer("digitcaps").output)
-    capsules = encoder.predict(x_test[index : index + 1], verbose=0)  # [1, n_class, 16]
+    # Called directly, not with `predict`: the encoder is built per call and `predict` would trace it
+    # anew every time (TensorFlow warns of retracing after a few calls, e.g. one grid per class).
+    capsules = np.asarray(encoder(x_test[index : index + 1], training=False))  # [1, n_class, 16]
     masked = (capsules + noise) * y_test[index][None, :, None]  # keep the label's capsule
     decoder = model.get_layer("decoder")
-    x_recons = decoder.predict(masked.reshape(len(noise), -1), batch_size=len(noise), verbose=0)
+    x_recons = np.asarray(decoder(masked.reshape(len(noise), -1).astype("float32"), training=False))
     image = utils.combine_images(x_recons, height=CAPSULE_DIM)
     path = Path(save_dir) / f"manipulate-{digit}.png"
     utils.save_image(image, path)
@@ -269,6 +332,23 @@ def build_parser(description: str = "Capsule Network on MNIST.", batch_size: int
                              "(default: drawn at random)")
     parser.add_argument("--mixed_precision", action="store_true",
                         help="Compute convolutions and the decoder in bfloat16 (capsules stay float32)")
+    parser.add_argument("--multimnist", action="store_true",
+                        help="Train and test on MultiMNIST (paper section 6): pairs of overlapping digits "
+                             "of --dataset, 36x36, built on the fly")
+    parser.add_argument("--multimnist_test_pairs", type=int, default=multimnist.DEFAULT_TEST_PAIRS,
+                        metavar="K", help="With --multimnist: partners per test digit (the paper used 1000)")
+    parser.add_argument("--image_size", nargs=2, type=int, metavar=("H", "W"), default=None,
+                        help="Resize the images of a --dataset folder to H x W (default: they must "
+                             "share one size)")
+    parser.add_argument("--predict", nargs="+", metavar="PATH", default=None,
+                        help="With -w: classify these image files or folders of images; prints one line "
+                             "each, writes save_dir/predictions.csv and predictions.png")
+    parser.add_argument("--invert", action="store_true",
+                        help="With --predict: invert the images (1 - x), for dark strokes on a light "
+                             "background; MNIST digits are light on dark")
+    parser.add_argument("--export", choices=deploy.EXPORT_FORMATS, default=None,
+                        help="With -w: export the eval model (x -> [capsule lengths, reconstruction]) "
+                             "for serving, into save_dir")
     return parser
 
 
@@ -292,6 +372,7 @@ def validate_args(args: argparse.Namespace, extra: Sequence[tuple[str, bool, str
         ("--shift_fraction", 0 <= args.shift_fraction < 0.5, "must be in [0, 0.5)"),
         ("--digit", args.digit >= 0, "must be >= 0"),
         ("--seed", args.seed is None or 0 <= args.seed < 2**31, "must be in [0, 2**31)"),
+        ("--multimnist_test_pairs", args.multimnist_test_pairs >= 1, "must be >= 1"),
         *extra,
     ]
     for flag, ok, rule in checks:
@@ -302,6 +383,11 @@ def validate_args(args: argparse.Namespace, extra: Sequence[tuple[str, bool, str
     if backend not in SUPPORTED_BACKENDS:
         raise UserError(f"KERAS_BACKEND={backend}: not supported; this project trains and tests on "
                         "tensorflow (the default) or jax (KERAS_BACKEND=jax)")
+    if args.image_size is not None and min(args.image_size) < 1:
+        raise UserError(f"--image_size {args.image_size[0]} {args.image_size[1]}: must be positive")
+    for flag, used in (("--predict", args.predict is not None), ("--export", args.export is not None)):
+        if used and args.weights is None:
+            raise UserError(f"{flag}: needs the trained model, -w FILE (e.g. -w result/trained_model.keras)")
     if args.weights is not None and not os.path.isfile(saving.resolve_weights_path(args.weights)):
         raise UserError(f"-w {args.weights}: no such file")
     if args.debug and not args.testing:
@@ -345,20 +431,21 @@ def mixed_precision_policy() -> str:
     return "mixed_bfloat16"
 
 
-def setup(args: argparse.Namespace) -> utils.Dataset:
+def setup(args: argparse.Namespace) -> tuple[utils.Dataset, list[str]]:
     """Draws a seed if none was given (into `args.seed`, so that backups record it), seeds every
-    generator, sets the precision policy and loads the data."""
+    generator, sets the precision policy and loads the data and its class names."""
     if args.seed is None:
         args.seed = int(np.random.default_rng().integers(2**31))
     keras.utils.set_random_seed(args.seed)
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy(mixed_precision_policy())
+    image_size = tuple(args.image_size) if args.image_size else None
     try:
-        data = utils.load_dataset(args.dataset)
+        data, class_names = utils.load_labelled_dataset(args.dataset, image_size=image_size, seed=args.seed)
     except utils.DataError as e:
         raise UserError(str(e)) from e
     check_data(args, data)
-    return data
+    return data, class_names
 
 
 def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, backup_dir: str | None = None,
@@ -372,14 +459,21 @@ def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, b
         backup_dir: this process' backup folder (default `save_dir/backup`).
         on_model: called on the chief with the train model once it is built (e.g. to draw `model.png`).
     """
-    data = setup(args)
-    (x_train, y_train), test_data = data
+    if args.predict is not None or args.export is not None:
+        use_trained_model(args)
+        return
+    data, class_names = setup(args)
+    (x_train, y_train), (x_test, y_test) = data
     config = training.TrainConfig.from_args(args)
     optimizer = training.make_optimizer(config.lr, config.lr_decay,
                                         training.steps_per_epoch(len(x_train), config.batch_size))
+    rows, cols, channels = x_train.shape[1:]
+    if args.multimnist:  # each digit padded by multimnist.PAD on every side
+        rows, cols = rows + 2 * multimnist.PAD, cols + 2 * multimnist.PAD
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        model, eval_model, manipulate_model = CapsNet(x_train.shape[1:], y_train.shape[1], args.routings)
+        model, eval_model, manipulate_model = CapsNet((rows, cols, channels), y_train.shape[1], args.routings)
         compile_like_original(model, optimizer, config.lam_recon)
+        train_model = two_digit_train_model(model) if args.multimnist else model
     if is_chief:
         model.summary()
         if on_model is not None:
@@ -388,19 +482,66 @@ def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, b
         print(f"Loaded weights from {saving.load_weights(model, args.weights)}")
     if not args.testing:
         warn_if_slow_backend()
-        backup = Backup(backup_dir or Path(args.save_dir) / BACKUP_DIR,
-                        flags={k: getattr(args, k) for k in RESUME_FLAGS})
-        train(model, eval_model, optimizer, data, config, backup, strategy=strategy, is_chief=is_chief)
+        flags = {k: getattr(args, k) for k in RESUME_FLAGS}
+        if args.multimnist:  # only then: backups of single-digit runs made before this flag still resume
+            flags.update(multimnist=True, multimnist_test_pairs=args.multimnist_test_pairs)
+        backup = Backup(backup_dir or Path(args.save_dir) / BACKUP_DIR, flags=flags)
+        objective, batcher = ((losses.TWO_DIGITS, multimnist.PairBatcher(config.batch_size,
+                                                                         args.multimnist_test_pairs))
+                              if args.multimnist else (losses.ONE_DIGIT, None))
+        train(train_model, eval_model, optimizer, data, config, backup, strategy=strategy,
+              is_chief=is_chief, objective=objective, batcher=batcher)
         if is_chief:
             saving.save_model(eval_model, Path(args.save_dir) / "trained_model.keras")
+            image_folder.save_class_names(Path(args.save_dir) / image_folder.DEFAULT_CLASS_NAMES_FILE,
+                                          class_names)
             print(f"Full model (x -> [lengths, reconstruction]) saved to "
-                  f"'{args.save_dir}/trained_model.keras'")
+                  f"'{args.save_dir}/trained_model.keras', its class names to "
+                  f"'{args.save_dir}/{image_folder.DEFAULT_CLASS_NAMES_FILE}'")
         return
     if args.weights is None:
         print("No weights are provided. Will test using random initialized weights.")
-    if is_chief:
-        manipulate_latent(manipulate_model, test_data, args.digit, args.save_dir)
-        test(eval_model, test_data, args.batch_size, args.save_dir)
+    if not is_chief:
+        return
+    if args.multimnist:
+        pairs = multimnist.test_pairs(x_test, y_test, args.multimnist_test_pairs)
+        first = np.eye(y_test.shape[1], dtype="float32")[pairs.labels[:, 0]]
+        manipulate_latent(manipulate_model, (pairs.x, first), args.digit, args.save_dir)
+        test_two_digits(eval_model, pairs, args.batch_size, args.save_dir)
+    else:
+        manipulate_latent(manipulate_model, (x_test, y_test), args.digit, args.save_dir)
+        test(eval_model, (x_test, y_test), args.batch_size, args.save_dir)
+
+
+def use_trained_model(args: argparse.Namespace) -> None:
+    """`--predict` and `--export`: the eval model of `-w`, used on new images or exported.
+
+    A `.keras` file holds the whole model; a weights file is loaded into a model built for `--dataset`
+    (as `-t` does). Class names come from `class_names.json` beside the `-w` file, else the dataset.
+
+    Raises:
+        UserError: a file cannot be loaded or exported; `--predict` also when any image could not be
+            read (after predicting all the others).
+    """
+    try:
+        eval_model, class_names = deploy.load_eval_model(
+            args.weights, build=lambda: _eval_model_for_dataset(args))
+        if args.export is not None:
+            deploy.export_model(eval_model, args.export, args.save_dir)
+        if args.predict is not None:
+            deploy.predict_images(eval_model, args.predict, class_names, invert=args.invert,
+                                  save_dir=args.save_dir, batch_size=args.batch_size)
+    except utils.DataError as e:
+        raise UserError(str(e)) from e
+
+
+def _eval_model_for_dataset(args: argparse.Namespace) -> tuple[keras.Model, list[str]]:
+    """The eval model for `--dataset`'s shape and classes with `-w`'s weights, and the class names."""
+    data, class_names = setup(args)
+    (x_train, y_train), _ = data
+    model, eval_model, _ = CapsNet(x_train.shape[1:], y_train.shape[1], args.routings)
+    print(f"Loaded weights from {saving.load_weights(model, args.weights)}")
+    return eval_model, class_names
 
 
 def warn_if_slow_backend() -> None:

@@ -6,6 +6,8 @@ Total loss per sample = margin + lam_recon * MSE (lam_recon = 0.392 = 0.0005 * 7
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -51,3 +53,51 @@ def per_sample_terms(x: Any, y: Any, lengths: Any, recon: Any, lam_recon: float)
     mse = reconstruction_loss(x, recon)
     correct = ops.cast(ops.equal(ops.argmax(lengths, -1), ops.argmax(y, -1)), "float32")
     return margin + lam_recon * mse, margin, mse, correct
+
+
+def two_digit_terms(x: Any, y: Any, first: Any, second: Any, lengths: Any, recon_first: Any,
+                    recon_second: Any, lam_recon: float) -> tuple[Any, ...]:
+    """`per_sample_terms` for MultiMNIST (paper section 6): two digits per image.
+
+    The margin loss takes the two-hot `y` as it is (both classes present); each digit is reconstructed
+    from its own capsule against its own shifted image, and the two MSEs are added; a sample counts as
+    correct only if its two longest capsules are exactly its two classes.
+
+    Args:
+        x: overlaid images `[batch, 36, 36, 1]` (unused: each reconstruction has its own target).
+        y: two-hot labels `[batch, n_class]`.
+        first, second: each digit alone, `[batch, 36, 36, 1]`.
+        lengths: capsule lengths `[batch, n_class]`; recon_first, recon_second: `[batch, 36, 36, 1]`.
+    """
+    margin = margin_loss(y, ops.cast(lengths, "float32"))
+    mse = reconstruction_loss(first, recon_first) + reconstruction_loss(second, recon_second)
+    _, top2 = ops.top_k(ops.cast(lengths, "float32"), k=2)
+    predicted = ops.sum(ops.one_hot(top2, ops.shape(y)[-1]), axis=1)  # two-hot
+    correct = ops.cast(ops.all(ops.equal(predicted, ops.cast(y, predicted.dtype)), axis=-1), "float32")
+    return margin + lam_recon * mse, margin, mse, correct
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How a batch (a tuple of arrays) feeds the train model, and what each step sums per sample.
+
+    Attributes:
+        inputs: the train model's inputs taken from a batch.
+        terms: `(batch, model outputs, lam_recon) ->` the four per-sample terms of `training.SUMS`.
+    """
+
+    inputs: Callable[[Sequence[Any]], list[Any]]
+    terms: Callable[[Sequence[Any], Sequence[Any], float], tuple[Any, ...]]
+
+
+# One digit per image: batches `(x, y)`, train model `[x, y] -> [lengths, reconstruction]`.
+ONE_DIGIT = Objective(
+    inputs=lambda batch: [batch[0], batch[1]],
+    terms=lambda batch, out, lam_recon: per_sample_terms(batch[0], batch[1], out[0], out[1], lam_recon))
+
+# MultiMNIST: batches `(x, y_two_hot, y_first, y_second, first, second)`, train model
+# `[x, y_first, y_second] -> [lengths, reconstruction of first, reconstruction of second]`.
+TWO_DIGITS = Objective(
+    inputs=lambda batch: [batch[0], batch[2], batch[3]],
+    terms=lambda batch, out, lam_recon: two_digit_terms(batch[0], batch[1], batch[4], batch[5], *out,
+                                                        lam_recon))

@@ -26,6 +26,7 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -409,3 +410,44 @@ def overlay_image(x: np.ndarray, recon_first: np.ndarray, recon_second: np.ndarr
     tiles[tiles_per_half : tiles_per_half + m, ..., 0] = red
     tiles[tiles_per_half : tiles_per_half + m, ..., 1] = green
     return combine_images(tiles, width=FIGURE_WIDTH)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training batches
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_arrays(pairs: Pairs) -> tuple[np.ndarray, ...]:
+    """A batch as `losses.TWO_DIGITS` takes it: `(x, y two-hot, y of first one-hot, y of second
+    one-hot, first, second)`."""
+    eye = np.eye(pairs.y.shape[1], dtype=np.float32)
+    return (pairs.x, pairs.y, eye[pairs.labels[:, 0]], eye[pairs.labels[:, 1]], pairs.first, pairs.second)
+
+
+class PairBatcher:
+    """MultiMNIST batches for `training.Trainer`: every epoch, fresh pairs of the training digits
+    (`train_pairs`), shuffled in the order of `training.batch_order`; validation on the fixed
+    `test_pairs` of the test digits.
+
+    Args:
+        batch_size: images per training step.
+        test_pairs: partners per test digit (K of `test_pairs`).
+    """
+
+    def __init__(self, batch_size: int, test_pairs: int = DEFAULT_TEST_PAIRS) -> None:
+        self.batch_size = batch_size
+        self.test_pairs = test_pairs
+        self._valid: tuple[int, tuple[np.ndarray, ...]] | None = None
+
+    def train(self, x: np.ndarray, y: np.ndarray, epoch: int, seed: int) -> Iterator[tuple[np.ndarray, ...]]:
+        from training import batch_order  # the same shuffling as single digits
+
+        pairs = train_pairs(x, y, seed, epoch)
+        for indices in batch_order(len(pairs), self.batch_size, seed, epoch):
+            yield batch_arrays(pairs.take(indices))
+
+    def valid(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
+        """`batch_arrays` of the test pairs of `(x, y)`, made once per test set (they are fixed)."""
+        if self._valid is None or self._valid[0] != id(x):
+            self._valid = (id(x), batch_arrays(test_pairs(x, y, self.test_pairs)))
+        return self._valid[1]

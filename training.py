@@ -150,6 +150,27 @@ def train_batches(x: np.ndarray, y: np.ndarray, batch_size: int, shift_fraction:
         yield xb, yb
 
 
+class DigitBatcher:
+    """Batches of single-digit data: shuffled, randomly shifted `(x, y)` for training (see
+    `train_batches`), and the test set as it is for validation.
+
+    Args:
+        batch_size: images per training step.
+        shift_fraction: the largest shift, as a fraction of the image size.
+    """
+
+    def __init__(self, batch_size: int, shift_fraction: float) -> None:
+        self.batch_size = batch_size
+        self.shift_fraction = shift_fraction
+
+    def train(self, x: np.ndarray, y: np.ndarray, epoch: int, seed: int
+              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return train_batches(x, y, self.batch_size, self.shift_fraction, seed, epoch)
+
+    def valid(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return x, y
+
+
 def prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
     """`batches`, made one or two ahead in a thread while the device computes the current step."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
@@ -192,10 +213,14 @@ class Trainer:
         is_chief: whether this process writes `log.csv`, checkpoints and TensorBoard logs.
         weights_model: the model whose weights checkpoints hold (the eval model shares the train model's
             layers and saves without the optimizer, as the original's weights files).
+        batcher: makes the training batches and validation arrays from the data (default: single digits,
+            `DigitBatcher`; MultiMNIST: `multimnist.PairBatcher`).
     """
 
     def __init__(self, model: keras.Model, optimizer: Any, steps: Any, config: TrainConfig, backup: Backup,
-                 is_chief: bool = True, weights_model: keras.Model | None = None) -> None:
+                 is_chief: bool = True, weights_model: keras.Model | None = None, batcher: Any = None
+                 ) -> None:
+        self.batcher = batcher or DigitBatcher(config.batch_size, config.shift_fraction)
         self.model = model
         self.optimizer = optimizer
         self.steps = steps
@@ -246,7 +271,8 @@ class Trainer:
         return log
 
     def train_epoch(self, x: np.ndarray, y: np.ndarray, epoch: int, seed: int) -> dict[str, float]:
-        """One epoch of training steps; returns the means of `SUMS` over its samples.
+        """One epoch of training steps on the batches the batcher makes of `(x, y)`; returns the means
+        of `SUMS` over its samples.
 
         Raises:
             TrainingDivergedError: a step's loss is NaN or inf (the model is not saved).
@@ -255,9 +281,8 @@ class Trainer:
         steps = len(x) // batch_size
         progbar = keras.utils.Progbar(steps, verbose=1 if self.is_chief else 0, stateful_metrics=SUMS)
         sums = np.zeros(len(SUMS))
-        batches = train_batches(x, y, batch_size, self.config.shift_fraction, seed, epoch)
-        for step, (xb, yb) in enumerate(prefetch(batches), start=1):
-            values = self.steps.train(xb, yb)
+        for step, batch in enumerate(prefetch(self.batcher.train(x, y, epoch, seed)), start=1):
+            values = self.steps.train(*batch)
             if not np.isfinite(values).all():
                 raise TrainingDivergedError(f"loss became {values[0]} at epoch {epoch + 1}, step {step}")
             sums += values
@@ -265,12 +290,13 @@ class Trainer:
         return dict(zip(SUMS, sums / (steps * batch_size), strict=True))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        """Loss and accuracy of the train model (decoder masked by the true label) on all of `x`."""
+        """Loss and accuracy of the train model (decoder masked by the true labels) on the validation
+        set the batcher makes of `(x, y)` (the test set itself for single digits)."""
+        arrays = self.batcher.valid(x, y)
         sums = np.zeros(len(SUMS))
-        for start in range(0, len(x), self.config.batch_size):
-            stop = start + self.config.batch_size
-            sums += self.steps.evaluate(x[start:stop], y[start:stop])
-        return dict(zip(SUMS, sums / len(x), strict=True))
+        for start in range(0, len(arrays[0]), self.config.batch_size):
+            sums += self.steps.evaluate(*(a[start : start + self.config.batch_size] for a in arrays))
+        return dict(zip(SUMS, sums / len(arrays[0]), strict=True))
 
     def learning_rate(self) -> float:
         """The rate of the optimizer's next step."""

@@ -25,7 +25,13 @@ IDX_FILES = {
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
-KERAS_DATASETS = ("mnist", "fashion_mnist")
+KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+# Class names of the named datasets, in label order (their documentation's); others number their classes.
+CLASS_NAMES = {
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
 # Where Debian's `dataset-fashion-mnist` package puts the IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -222,16 +228,37 @@ def prepare(data: Dataset, source: str = "dataset") -> Dataset:
 
 
 def load_dataset(spec: str = "mnist") -> Dataset:
-    """Loads `mnist`, `fashion_mnist`, a folder of IDX files or an `.npz`, and checks it.
+    """Loads `mnist`, `fashion_mnist`, `cifar10`, an image folder, a folder of IDX files or an `.npz`,
+    and checks it (see `load_labelled_dataset`, which also returns the class names)."""
+    return load_labelled_dataset(spec)[0]
+
+
+def load_labelled_dataset(spec: str = "mnist", image_size: tuple[int, int] | None = None, seed: int = 0
+                          ) -> tuple[Dataset, list[str]]:
+    """Loads a dataset and its class names.
+
+    Args:
+        spec: `mnist`, `fashion_mnist`, `cifar10` (through `keras.datasets`), a folder of images
+            (`train/<class>/`, optionally `test/<class>/`: `image_folder.load_image_folder`), a folder of
+            the 4 MNIST-format IDX files, or an `.npz` with `x_train`, `y_train`, `x_test`, `y_test`.
+        image_size: image folders only: resize every image to `(rows, cols)`.
+        seed: image folders without `test/` only: which images are held out as the test set.
 
     Returns:
-        `(x_train, y_train), (x_test, y_test)`: images float32 `[n, rows, cols, channels]` in
-        [0, 1], labels one-hot float32 `[n, n_class]`.
+        `((x_train, y_train), (x_test, y_test)), class_names`: images float32
+        `[n, rows, cols, channels]` in [0, 1], labels one-hot float32 `[n, n_class]`, and one name per
+        class (the folder names, the dataset's documented names, or the class numbers).
 
     Raises:
         DataError: the data cannot be found, read or used; the message says why.
     """
+    import image_folder
+
     path = Path(spec).expanduser()
+    if image_folder.is_image_folder(path):
+        return image_folder.load_image_folder(path, image_size=image_size, seed=seed)
+    if image_size is not None:
+        raise DataError(f"--image_size: applies to folders of images only, not to --dataset {spec}")
     if spec in KERAS_DATASETS and not path.exists():
         raw = _load_keras_dataset(spec)
     elif path.is_dir():
@@ -239,11 +266,15 @@ def load_dataset(spec: str = "mnist") -> Dataset:
     elif path.is_file() and path.suffix == ".npz":
         raw = load_npz(path)
     elif path.exists():
-        raise DataError(f"--dataset {spec}: expected a folder of IDX files or an .npz file")
+        raise DataError(f"--dataset {spec}: expected a folder of images or of IDX files, or an .npz file")
     else:
-        raise DataError(f"--dataset {spec}: no such file or folder (use mnist, fashion_mnist, a "
-                        "folder of the 4 MNIST-format IDX .gz files, or an .npz)")
-    return prepare(raw, source=spec)
+        raise DataError(f"--dataset {spec}: no such file or folder (use mnist, fashion_mnist, cifar10, a "
+                        "folder of images in train/<class>/, a folder of the 4 MNIST-format IDX .gz files, "
+                        "or an .npz)")
+    data = prepare(raw, source=spec)
+    n_class = data[0][1].shape[1]
+    names = CLASS_NAMES.get(spec if spec in KERAS_DATASETS and not path.exists() else "")
+    return data, names if names and len(names) == n_class else [str(i) for i in range(n_class)]
 
 
 # ---------------------------------------------------------------------------------------------
