@@ -1,14 +1,17 @@
 """Data-parallel CapsNet training on several GPUs, several logical CPUs or several machines.
 
 The model, losses, training loop and test are those of `capsulenet.py` and `training.py`; this script only
-chooses the `tf.distribute` strategy and the devices:
+chooses how the devices share the work:
 
-- one machine: `tf.distribute.MirroredStrategy` over the first `--gpus` GPUs (or, with `--cpu`,
-  `--gpus` logical CPU devices carved out of the processor, to try the same path without GPUs);
-- several machines: when the standard `TF_CONFIG` variable is set,
+- TensorFlow, one machine: `tf.distribute.MirroredStrategy` over the first `--gpus` GPUs (or, with
+  `--cpu`, `--gpus` logical CPU devices carved out of the processor, to try the same path without GPUs);
+- TensorFlow, several machines: when the standard `TF_CONFIG` variable is set,
   `tf.distribute.MultiWorkerMirroredStrategy` over every worker's GPUs (one CPU device per worker
   with `--cpu`). Only the chief (task `chief`, or `worker` 0 without one) writes checkpoints,
-  logs, plots and test outputs; every worker keeps its own resumable backup.
+  logs, plots and test outputs; every worker keeps its own resumable backup;
+- JAX (`KERAS_BACKEND=jax`), one machine: `keras.distribution.DataParallel` over the first `--gpus`
+  GPUs (or `--cpu`: as many CPU devices); each batch is sharded and XLA all-reduces the gradients.
+  `TF_CONFIG` is refused on JAX.
 
 Each step splits the global batch (`--batch_size`, 300 by default) across the replicas and
 all-reduces the gradients (the Keras optimizer sums them over the replicas). After training it saves
@@ -200,7 +203,7 @@ def train_data_parallel_jax(args: argparse.Namespace, task: Task | None) -> None
     if args.batch_size % len(devices):
         raise UserError(f"--batch_size {args.batch_size}: must be a multiple of the number of devices "
                         f"({len(devices)}) on the JAX backend; each takes an equal share")
-    if args.testing:  # a test needs no replicas
+    if args.testing or args.predict is not None or args.export is not None:  # no replicas needed
         capsulenet.run(args)
         return
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
@@ -304,7 +307,8 @@ def train_distributed(args: argparse.Namespace) -> None:
         train_data_parallel_jax(args, task)
         return
     is_chief = task is None or task.is_chief
-    if args.testing:  # a test needs neither replicas nor the other workers
+    if args.testing or args.predict is not None or args.export is not None:
+        # A test, a prediction or an export needs neither replicas nor the other workers.
         if args.cpu:
             hide_gpus()
         if is_chief:

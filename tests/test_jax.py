@@ -142,3 +142,70 @@ def test_jax_batch_must_divide_over_the_devices(tiny_npz: Path, tmp_path: Path) 
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --batch_size 5: must be a multiple of the number of devices (2) on the JAX backend; "
         "each takes an equal share")
+
+
+def resume_main(data_path: str, out: str) -> None:
+    """Child process (JAX): two epochs straight; then one epoch, scrambled weights and optimizer, and a
+    second run that must resume from the backup of epoch 1. One model, optimizer and steps object serve
+    all three, so XLA compiles the step once (seconds on a CPU); scrambling stands in for the fresh
+    process of a real resume. Writes both logs and the final weights' largest difference as JSON."""
+    import json
+
+    import backends
+    import training
+    import utils
+    from backup import Backup
+
+    data = utils.load_dataset(data_path)
+    keras.utils.set_random_seed(4)
+    model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, 1)
+    initial = model.get_weights()
+    optimizer = training.make_optimizer(0.001, 0.9, steps_per_epoch=2)
+    steps = backends.make_steps(model, optimizer, lam_recon=0.392, batch_size=5)
+
+    def scramble(weights: list[np.ndarray]) -> None:
+        model.set_weights(weights)
+        for variable in optimizer.variables:
+            variable.assign(np.zeros(variable.shape, variable.dtype))
+
+    def fit(name: str, epochs: int) -> list:
+        Path(out, name).mkdir(exist_ok=True)
+        config = training.TrainConfig(epochs=epochs, batch_size=5, seed=4, save_dir=f"{out}/{name}")
+        trainer = training.Trainer(model, optimizer, steps, config, Backup(f"{out}/{name}/backup"))
+        return trainer.fit(*data).to_numpy().tolist()
+
+    straight = fit("straight", 2)
+    final = np.concatenate([np.ravel(w) for w in model.get_weights()])
+    scramble(initial)
+    fit("resumed", 1)
+    scramble([w + 0.01 for w in initial])  # the resumed run must not start from these
+    resumed = fit("resumed", 2)
+    diff = np.abs(np.concatenate([np.ravel(w) for w in model.get_weights()]) - final).max()
+    Path(out, "resume.json").write_text(json.dumps({"logs": [straight, resumed], "weight_diff": float(diff)}))
+
+
+@pytest.mark.slow
+def test_jax_resume_continues_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    """The JAX steps keep the variables outside the model between `reload()` and `sync()`: a run
+    resumed from the backup of epoch 1 must end where an uninterrupted one does (2 steps of 5 images
+    per epoch, 5 validation images)."""
+    import json
+
+    data = save_npz(tmp_path / "ten.npz", synthetic_raw(10, 5))
+    result = run_jax("tests/test_jax.py", "--resume", str(data), str(tmp_path))
+    assert result.returncode == 0, describe(result)
+    found = json.loads((tmp_path / "resume.json").read_text())
+    straight, resumed = (np.array(log) for log in found["logs"])
+    assert straight.shape == resumed.shape == (2, len(LOG_COLUMNS))
+    np.testing.assert_allclose(resumed, straight, rtol=1e-4, atol=1e-6)
+    assert found["weight_diff"] < 1e-5
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--resume", nargs=2, metavar=("DATASET", "OUT"), required=True)
+    resume_main(*parser.parse_args().resume)
