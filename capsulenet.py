@@ -412,9 +412,10 @@ def check_data(args: argparse.Namespace, data: utils.Dataset) -> None:
     """Checks the flags that depend on the data."""
     (x_train, y_train), _ = data
     n_class = y_train.shape[1]
-    if args.digit >= n_class:
+    if args.testing and args.digit >= n_class:  # only -t draws the manipulation plot
         raise UserError(f"--digit {args.digit}: must be in 0..{n_class - 1} for this dataset")
-    if not args.testing and args.batch_size > len(x_train):
+    training_run = not args.testing and args.predict is None and args.export is None
+    if training_run and args.batch_size > len(x_train):
         raise UserError(f"--batch_size {args.batch_size}: larger than the {len(x_train)} training "
                         "images")
     if min(x_train.shape[1:3]) < 25:

@@ -33,14 +33,31 @@ def _is_legacy_h5(path: str) -> bool:
         return "layer_names" in f.attrs or "model_weights" in f
 
 
-def _load_keras_file(model: keras.Model, path: str) -> None:
+def load_model_file(path: str) -> keras.Model:
+    """A whole model from a `.keras` file, loaded with `safe_mode=True` (after `import capsulelayers`,
+    which registers this project's layers): a `Lambda` layer, arbitrary code, is refused.
+
+    Raises:
+        UserError: the file is missing, not a `.keras` archive, unsafe or unreadable (one line).
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"-w {path}: no such file")
+    _check_container(path)
     try:
-        saved = keras.saving.load_model(path, compile=False, safe_mode=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras' notes on compile state; the outcome is checked
+            return keras.saving.load_model(path, compile=False, safe_mode=True)
     except ValueError as e:
         if "Lambda" in str(e) or "safe_mode" in str(e):
             raise UserError(f"-w {path}: refused, the model contains a Lambda layer (arbitrary code); "
                             "only models made of registered layers are loaded") from e
-        raise
+        raise UserError(f"-w {path}: cannot be loaded ({_load_error(e)})") from e
+    except Exception as e:  # zipfile, h5py and Keras raise many types for broken files
+        raise UserError(f"-w {path}: cannot be loaded ({_load_error(e)})") from e
+
+
+def _load_keras_file(model: keras.Model, path: str) -> None:
+    saved = load_model_file(path)
     for layer in model.layers:
         if not layer.weights:
             continue

@@ -1,37 +1,40 @@
 """CapsNet speed and accuracy on an accelerator through any Keras 3 backend.
 
 The lent GPU machines carry JAX and PyTorch but no TensorFlow (its wheel is too large to carry there),
-so this script measures the project's own model (`capsulenet.CapsNet`, `margin_loss`, the same
-optimizer settings) with Keras' built-in `train_on_batch` / `fit` on whatever backend is installed:
+so this script measures the project's own model, compiled as the product compiles it
+(`capsulenet.CapsNet`, `training.make_optimizer`, `capsulenet.compile_like_original`), with Keras'
+built-in `train_on_batch` / `fit` on whatever backend is installed:
 
     KERAS_BACKEND=jax python bench/backend_epoch.py --data /usr/share/datasets/fashion-mnist --epochs 3
 
 It prints a markdown report (also written to `--out`): the device, median ms per training step at
 batch 100, images/s, inference ms per 100 images, the manipulation grid, and real epochs on an IDX
-dataset (shifted by `RandomTranslation` each epoch, validated on the test set) with their wall time and
-test accuracy.
+dataset (shifted each epoch by the product's own `training.train_batches`, validated on the test set)
+with their wall time and test accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
+from common import BATCH
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+common.use_repo()  # the product's modules, imported below by bare name
 
 import keras  # noqa: E402
 
 import capsulenet  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
-
-BATCH = 100
 
 
 def device_name() -> str:
@@ -51,23 +54,15 @@ def device_name() -> str:
 
 
 def build(args: argparse.Namespace, steps_per_epoch: int) -> tuple[keras.Model, keras.Model, keras.Model]:
-    """The project's three models, the train model compiled as the CLI compiles it."""
-    ns = argparse.Namespace(lr=0.001, lr_decay=0.9, lam_recon=0.392, routings=3)
-    model, eval_model, manipulate_model = capsulenet.CapsNet((28, 28, 1), 10, ns.routings)
-    model.compile(optimizer=capsulenet.make_optimizer(ns, steps_per_epoch),
-                  loss=[capsulenet.margin_loss, "mse"], loss_weights=[1.0, ns.lam_recon],
-                  metrics=[["accuracy"], []], jit_compile=args.jit_compile)
+    """The project's three models, the train model compiled as the CLI compiles it (default flags)."""
+    config = training.TrainConfig()
+    model, eval_model, manipulate_model = capsulenet.CapsNet(common.INPUT_SHAPE, common.N_CLASS,
+                                                             common.ROUTINGS)
+    optimizer = training.make_optimizer(config.lr, config.lr_decay, steps_per_epoch)
+    capsulenet.compile_like_original(model, optimizer, config.lam_recon)
+    if args.jit_compile != "auto":  # else compile's own "auto" choice stands
+        model.jit_compile = args.jit_compile
     return model, eval_model, manipulate_model
-
-
-def timed(fn, repeats: int) -> list[float]:  # noqa: ANN001
-    """Wall seconds of each call; results come back as NumPy, so each call is synchronous."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def step_times(model: keras.Model, eval_model: keras.Model, manipulate_model: keras.Model,
@@ -75,21 +70,25 @@ def step_times(model: keras.Model, eval_model: keras.Model, manipulate_model: ke
     rng = np.random.default_rng(0)
     x = rng.random((BATCH, 28, 28, 1), dtype=np.float32)
     y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, BATCH)]
-    timed(lambda: model.train_on_batch([x, y], [y, x]), 5)  # compile and warm up
-    train = statistics.median(timed(lambda: model.train_on_batch([x, y], [y, x]), steps))
+    # Results come back as NumPy, so each timed call is synchronous.
+    common.timed_calls(lambda: model.train_on_batch([x, y], [y, x]), 5)  # compile and warm up
+    train = statistics.median(common.timed_calls(lambda: model.train_on_batch([x, y], [y, x]), steps))
     eval_model.predict_on_batch(x)
-    infer = statistics.median(timed(lambda: eval_model.predict_on_batch(x), steps))
-    ns = argparse.Namespace(digit=5, save_dir=tempfile.mkdtemp())
-    capsulenet.manipulate_latent(manipulate_model, (x, y), ns)
-    grid = statistics.median(timed(lambda: capsulenet.manipulate_latent(manipulate_model, (x, y), ns), 5))
+    infer = statistics.median(common.timed_calls(lambda: eval_model.predict_on_batch(x), steps))
+    with tempfile.TemporaryDirectory() as save_dir, contextlib.redirect_stdout(io.StringIO()):
+        def grid_once() -> None:
+            capsulenet.manipulate_latent(manipulate_model, (x, y), common.DIGIT, save_dir)
+
+        grid_once()
+        grid = statistics.median(common.timed_calls(grid_once, 5))
     return {"train": train, "infer": infer, "grid": grid}
 
 
-def shifted(x: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """One epoch's random zero-filled shifts, computed on the device in chunks."""
-    layer = keras.layers.RandomTranslation(fraction, fraction, fill_mode="constant", seed=seed)
-    return np.concatenate([keras.ops.convert_to_numpy(layer(x[i : i + 2000], training=True))
-                           for i in range(0, len(x), 2000)])
+def shifted_epoch(x: np.ndarray, y: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch's shuffled, randomly shifted training data, as the product's loop makes it
+    (`training.train_batches`, shift fraction 0.1), joined for `fit`: `[n - n % 100, ...]` each."""
+    batches = list(training.train_batches(x, y, BATCH, 0.1, seed=0, epoch=epoch))
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 
 
 def real_epochs(args: argparse.Namespace) -> list[str]:
@@ -98,8 +97,8 @@ def real_epochs(args: argparse.Namespace) -> list[str]:
     lines = []
     for epoch in range(args.epochs):
         start = time.perf_counter()
-        xs = shifted(x_train, 0.1, seed=epoch)
-        history = model.fit([xs, y_train], [y_train, xs], batch_size=BATCH, epochs=epoch + 1,
+        xs, ys = shifted_epoch(x_train, y_train, epoch)
+        history = model.fit([xs, ys], [ys, xs], batch_size=BATCH, epochs=epoch + 1, shuffle=False,
                             initial_epoch=epoch, verbose=2,
                             validation_data=([x_test, y_test], [y_test, x_test]))
         seconds = time.perf_counter() - start

@@ -1,56 +1,91 @@
-"""The benchmark's baseline (bench/original_formulation.py) computes what the product computes, and the
-benchmark's analytic FLOP count is right.
+"""The benchmark's baseline (bench/original_formulation.py) computes what the product computes, the
+benchmark's FLOP count and floor are right, and its report is written as documented.
 
 The speed comparison in bench/bench.py only means something if both formulations do the same
-arithmetic: same weights must give the same capsule lengths and reconstructions (here on a full and
-a partial batch), and the FLOP count that defines the floor must match the SPEC's figure and a count
-taken independently from the ops of the product's traced training step.
+arithmetic: same weights must give the same capsule lengths, reconstructions, manipulation grids and
+gradients (on full and partial batches). A fresh model's capsules are ~1e-9 long, which would hide the
+encoder from every comparison of reconstructions, so the shared weights are scaled until the capsules
+are O(0.1-1) long and the decoder's output visibly depends on them; a control perturbs the baseline's
+weights by 0.5% and checks that the same comparisons then fail. The FLOP count that defines the floor
+must match the SPEC's figure and a count taken independently from the ops of the product's traced
+training step; the floor's matrix products must be checked against float64 and the CPU's peak.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import io
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+# bench/'s scripts import each other by bare name, as when run as `python bench/bench.py`; appended, so
+# that the product's and the tests' own modules keep precedence.
+if str(BENCH_DIR) not in sys.path:
+    sys.path.append(str(BENCH_DIR))
+
+import common  # noqa: E402
+import flops  # noqa: E402
+import original_formulation as original  # noqa: E402
+import report  # noqa: E402
+
+import bench  # noqa: E402
+import capsulenet  # noqa: E402
+from losses import per_sample_terms  # noqa: E402
+
+# Tolerances of the product-vs-baseline comparisons (float32, different summation orders).
+LENGTH_TOL = {"rtol": 1e-4, "atol": 1e-9}
+RECON_TOL = {"rtol": 1e-4, "atol": 1e-6}
+TARGET_LENGTH = 0.1  # aimed-at median capsule length before routing sharpens it (lands near 0.3-0.8)
+DECODER_GAIN = 10.0  # fresh Glorot decoders map any capsule to 0.5 +- 0.003; x10 spreads it to +- 0.2
 
 
-def _load_bench():
-    """bench/bench.py as a module (it puts the repository and bench/ on sys.path itself)."""
-    if "capsnet_bench" in sys.modules:
-        return sys.modules["capsnet_bench"]
-    spec = importlib.util.spec_from_file_location("capsnet_bench", REPO_ROOT / "bench" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["capsnet_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    x, _ = common.synthetic_data(n, seed=seed)
+    y = np.eye(10, dtype="float32")[np.random.default_rng(seed).integers(0, 10, n)]
+    return x, y
 
 
-bench = _load_bench()
-original = bench.original
-capsulenet = bench.capsulenet
+def _lengthen_capsules(train_model, eval_model) -> None:  # noqa: ANN001
+    """Scales the digit capsules' `W` so that the median capsule is O(0.1-1) long (a capsule's length
+    is ~|s|^2 while it is short, so W scales by sqrt(target / length)), and the decoder's first kernel
+    so that its output depends visibly on the capsules."""
+    x, _ = _images(100, seed=99)
+    lengths, _ = eval_model.predict(x, verbose=0)
+    digitcaps = train_model.get_layer("digitcaps")
+    (w,) = digitcaps.get_weights()
+    digitcaps.set_weights([w * np.sqrt(TARGET_LENGTH / np.median(lengths))])
+    dense = train_model.get_layer("decoder").layers[0]
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel * DECODER_GAIN, bias])
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The product's models and the original formulation's, holding the same weights."""
+    """The product's models and the original formulation's, holding the same (lengthened) weights."""
     import keras
 
     keras.utils.set_random_seed(7)
-    args = bench.train_args(str(tmp_path_factory.mktemp("bench")))
-    product = bench.build_product(args, "product")
-    baseline = bench.build_baseline(args, source=product.train_model)
-    return {"product": product, "baseline": baseline, "args": args}
+    config = bench.train_config(str(tmp_path_factory.mktemp("bench")))
+    product = bench.build_product(config)
+    _lengthen_capsules(product.train_model, product.eval_model)
+    baseline = bench.build_baseline(config, source=product.train_model)
+    return {"product": product, "baseline": baseline, "config": config}
 
 
-def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    x, _ = bench.synthetic_data(n, seed=seed)
-    y = np.eye(10, dtype="float32")[np.random.default_rng(seed).integers(0, 10, n)]
-    return x, y
+@contextlib.contextmanager
+def _perturbed_baseline(models: dict, factor: float = 1.005):
+    """The baseline's digit-capsule `W` multiplied by `factor` inside the block, then restored."""
+    layer = models["baseline"].train_model.get_layer("digitcaps")
+    (w,) = layer.get_weights()
+    layer.set_weights([w * factor])
+    try:
+        yield
+    finally:
+        layer.set_weights([w])
 
 
 def test_weights_copied_layer_by_layer(models: dict) -> None:
@@ -62,6 +97,17 @@ def test_weights_copied_layer_by_layer(models: dict) -> None:
             np.testing.assert_array_equal(a, b)
 
 
+def test_capsules_are_long_and_reconstructions_depend_on_them(models: dict) -> None:
+    """Guards every comparison below: capsules O(0.1-1) long and differing across images and
+    classes, reconstructions that differ across images far beyond the comparison's tolerance."""
+    x, y = _images(100, seed=5)
+    lengths, recon = models["product"].train_model.predict([x, y], verbose=0)
+    assert 0.1 < np.median(lengths) < 0.95
+    assert lengths.min() > 0.01 and lengths.max() < 1.0
+    assert np.ptp(lengths, axis=0).min() > 0.05  # every class varies across images
+    assert recon.std(axis=0).mean() > 100 * (RECON_TOL["rtol"] * 0.5 + RECON_TOL["atol"])
+
+
 @pytest.mark.parametrize("n", [100, 37, 1])
 def test_same_outputs_train_model(models: dict, n: int) -> None:
     """Lengths (masked by the label) and reconstructions agree, for full and partial batches."""
@@ -70,8 +116,8 @@ def test_same_outputs_train_model(models: dict, n: int) -> None:
     lengths_b, recon_b = models["baseline"].train_model.predict([x, y], batch_size=100, verbose=0)
     assert lengths_p.shape == lengths_b.shape == (n, 10)
     assert recon_p.shape == recon_b.shape == (n, 28, 28, 1)
-    np.testing.assert_allclose(lengths_b, lengths_p, rtol=1e-4, atol=1e-9)
-    np.testing.assert_allclose(recon_b, recon_p, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(lengths_b, lengths_p, **LENGTH_TOL)
+    np.testing.assert_allclose(recon_b, recon_p, **RECON_TOL)
 
 
 def test_same_outputs_eval_model_partial_batch(models: dict) -> None:
@@ -79,17 +125,10 @@ def test_same_outputs_eval_model_partial_batch(models: dict) -> None:
     x, _ = _images(150, seed=3)
     lengths_p, recon_p = models["product"].eval_model.predict(x, batch_size=100, verbose=0)
     lengths_b, recon_b = models["baseline"].eval_model.predict(x, batch_size=100, verbose=0)
-    np.testing.assert_allclose(lengths_b, lengths_p, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(lengths_b, lengths_p, **LENGTH_TOL)
     np.testing.assert_array_equal(lengths_b.argmax(1), lengths_p.argmax(1))
-    np.testing.assert_allclose(recon_b, recon_p, rtol=1e-4, atol=1e-6)
-
-
-def test_lengths_are_not_trivial(models: dict) -> None:
-    """Guards the comparison above: the capsules are tiny at init, so check the lengths differ
-    across images and classes rather than being one constant both sides happen to share."""
-    x, y = _images(20, seed=5)
-    lengths, _ = models["product"].train_model.predict([x, y], verbose=0)
-    assert np.all(lengths > 0) and np.ptp(lengths) > 0.01 * lengths.max()
+    assert len(np.unique(lengths_p.argmax(1))) > 1  # the mask picks different capsules
+    np.testing.assert_allclose(recon_b, recon_p, **RECON_TOL)
 
 
 def test_same_gradients(models: dict) -> None:
@@ -97,43 +136,74 @@ def test_same_gradients(models: dict) -> None:
     import tensorflow as tf
 
     x, y = (tf.constant(a) for a in _images(100, seed=11))
+    lam_recon = models["config"].lam_recon
     grads = {}
     for name in ("product", "baseline"):
-        trainer = models[name].trainer
+        model = models[name].train_model
         with tf.GradientTape() as tape:
-            total, *_ = trainer._losses(x, y, training=True)
-            loss = tf.reduce_mean(total)
-        variables = {v.path: v for v in trainer.model.trainable_variables}
-        grads[name] = dict(zip(variables, tape.gradient(loss, list(variables.values())),
-                               strict=True))
+            lengths, recon = model([x, y], training=True)
+            loss = tf.reduce_mean(per_sample_terms(x, y, lengths, recon, lam_recon)[0])
+        variables = {v.path: v for v in model.trainable_variables}
+        grads[name] = dict(zip(variables, tape.gradient(loss, list(variables.values())), strict=True))
         grads[name]["loss"] = loss
     np.testing.assert_allclose(grads["baseline"]["loss"], grads["product"]["loss"], rtol=1e-5)
     for key in ("conv1/kernel", "primarycap_conv2d/kernel", "digitcaps/W"):
         a, b = np.asarray(grads["product"][key]), np.asarray(grads["baseline"][key])
+        assert np.abs(a).max() > 0
         np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * np.abs(a).max())
 
 
-def test_manipulation_grids_agree(models: dict, tmp_path: Path) -> None:
-    """The product's grid (one predict of 176), the original's (176 predicts) and the bench's
-    encoder-once proposal give the same 176 images for the same sample."""
-    import argparse
-    import contextlib
-    import io
-
-    x, y = bench.synthetic_data(40, seed=2)
-    product, baseline = models["product"], models["baseline"]
+def _grids(models: dict, save_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The product's grid (`capsulenet.manipulate_latent`: encoder once, one decoder batch) and the
+    original's (176 predicts), for the same randomly picked sample."""
+    x, y = common.synthetic_data(40, seed=2)
     with contextlib.redirect_stdout(io.StringIO()):
-        grid_p = capsulenet.manipulate_latent(
-            product.manipulate_model, (x, y), argparse.Namespace(digit=5, save_dir=str(tmp_path)),
-            rng=np.random.default_rng(1))
-    grid_b = original.manipulate_latent(baseline.manipulate_model, x, y, 5, tmp_path,
+        grid_p = capsulenet.manipulate_latent(models["product"].manipulate_model, (x, y), 5, save_dir,
+                                              rng=np.random.default_rng(1))
+    grid_b = original.manipulate_latent(models["baseline"].manipulate_model, x, y, 5, save_dir,
                                         np.random.default_rng(1))
-    grid_e = bench.EncoderOnceGrid(product.eval_model)(x, y, 5, str(tmp_path),
-                                                       np.random.default_rng(1))
-    assert grid_p.shape == grid_b.shape == grid_e.shape == (176, 28, 28, 1)
-    np.testing.assert_allclose(grid_b, grid_p, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(grid_e, grid_p, rtol=1e-4, atol=1e-6)
+    return grid_p, grid_b
+
+
+def test_manipulation_grids_agree(models: dict, tmp_path: Path) -> None:
+    """Both grids give the same 176 images, and they show the sample's capsule: decoding the
+    perturbations alone (capsules of zero) gives other images."""
+    grid_p, grid_b = _grids(models, tmp_path)
+    assert grid_p.shape == grid_b.shape == (176, 28, 28, 1)
+    np.testing.assert_allclose(grid_b, grid_p, **RECON_TOL)
     assert (tmp_path / "manipulate-5.png").is_file()
+    decoder = models["product"].train_model.get_layer("decoder")
+    label = np.eye(10, dtype="float32")[5]
+    noise_only = decoder.predict((capsulenet.perturbation_grid(10) * label[None, :, None]).reshape(176, -1),
+                                 verbose=0)
+    assert np.abs(grid_p - noise_only).max() > 100 * RECON_TOL["atol"]
+
+
+def test_comparisons_fail_for_another_encoder(models: dict, tmp_path: Path) -> None:
+    """Control: the baseline's digit-capsule weights 0.5% larger must break the comparisons above
+    (lengths, reconstructions of both models, the grid), so a real formulation error cannot hide.
+    The baseline's grid is computed here in one predict of its manipulate model (what its 176 predicts
+    compute, checked above), which keeps this control short."""
+    x, y = _images(100, seed=100)
+    grid_x, grid_y = common.synthetic_data(40, seed=2)
+    with contextlib.redirect_stdout(io.StringIO()):
+        grid_p = capsulenet.manipulate_latent(models["product"].manipulate_model, (grid_x, grid_y), 5,
+                                              tmp_path, rng=np.random.default_rng(1))
+    index = capsulenet.pick_sample(grid_y, 5, np.random.default_rng(1))
+    noise = capsulenet.perturbation_grid(10)
+    grid_inputs = [np.repeat(grid_x[index : index + 1], len(noise), axis=0),
+                   np.repeat(grid_y[index : index + 1], len(noise), axis=0), noise]
+    np.testing.assert_allclose(models["baseline"].manipulate_model.predict(grid_inputs, verbose=0), grid_p,
+                               **RECON_TOL)  # unperturbed, this one-batch grid is the product's
+    with _perturbed_baseline(models):
+        lengths_p, recon_p = models["product"].train_model.predict([x, y], verbose=0)
+        lengths_b, recon_b = models["baseline"].train_model.predict([x, y], verbose=0)
+        _, eval_recon_p = models["product"].eval_model.predict(x, verbose=0)
+        _, eval_recon_b = models["baseline"].eval_model.predict(x, verbose=0)
+        grid_b = models["baseline"].manipulate_model.predict(grid_inputs, verbose=0)
+    assert not np.allclose(lengths_b, lengths_p, **LENGTH_TOL)
+    for a, b in ((recon_p, recon_b), (eval_recon_p, eval_recon_b), (grid_p, grid_b)):
+        assert not np.allclose(b, a, **RECON_TOL)
 
 
 def test_original_generator_shifts_each_image() -> None:
@@ -177,17 +247,17 @@ def test_numpy_shift_matches_scipy() -> None:
 def test_analytic_flops_match_spec() -> None:
     """SPEC section 6: 1,202.6 MFLOP per training image, 120.3 GFLOP per batch-100 step; the
     parts the SPEC lists: 94% of it in the PrimaryCaps conv."""
-    flops = bench.analytic_flops()
-    assert flops["spec_train_total"] / 1e6 == pytest.approx(1202.6, abs=0.05)
-    assert flops["spec_train_total"] * 100 / 1e9 == pytest.approx(120.3, abs=0.05)
-    assert flops["forward_total"] / 1e6 == pytest.approx(406.4, abs=0.05)
-    assert flops["train"]["primarycaps"] / flops["train_total"] == pytest.approx(0.953, abs=0.005)
+    counts = flops.analytic_flops()
+    assert counts["spec_train_total"] / 1e6 == pytest.approx(1202.6, abs=0.05)
+    assert counts["spec_train_total"] * 100 / 1e9 == pytest.approx(120.3, abs=0.05)
+    assert counts["forward_total"] / 1e6 == pytest.approx(406.4, abs=0.05)
+    assert counts["train"]["primarycaps"] / counts["train_total"] == pytest.approx(0.953, abs=0.005)
     # Independent arithmetic for the two convolutions and the decoder (2 FLOPs per multiply-add).
-    assert flops["forward"]["conv1"] == 2 * (20 * 20 * 256) * (9 * 9 * 1)
-    assert flops["forward"]["primarycaps"] == 2 * (6 * 6 * 256) * (9 * 9 * 256)
-    assert flops["forward"]["decoder"] == 2 * (160 * 512 + 512 * 1024 + 1024 * 784)
+    assert counts["forward"]["conv1"] == 2 * (20 * 20 * 256) * (9 * 9 * 1)
+    assert counts["forward"]["primarycaps"] == 2 * (6 * 6 * 256) * (9 * 9 * 256)
+    assert counts["forward"]["decoder"] == 2 * (160 * 512 + 512 * 1024 + 1024 * 784)
     # The exact count drops only the gradient of the constant first coupling (0.03%).
-    assert flops["spec_train_total"] - flops["train_total"] == 2 * 10 * 1152 * 16
+    assert counts["spec_train_total"] - counts["train_total"] == 2 * 10 * 1152 * 16
 
 
 def test_analytic_flops_match_traced_graph(models: dict) -> None:
@@ -196,51 +266,155 @@ def test_analytic_flops_match_traced_graph(models: dict) -> None:
     import tensorflow as tf
 
     x, y = (tf.constant(a) for a in _images(100, seed=0))
-    traced = bench.graph_flops(models["product"].trainer.train_step.get_concrete_function(x, y))
-    flops = bench.analytic_flops()
-    assert sum(traced.values()) == flops["train_total"] * 100
+    traced = flops.graph_flops(models["product"].steps.train_step.get_concrete_function(x, y))
+    counts = flops.analytic_flops()
+    assert sum(traced.values()) == counts["train_total"] * 100
     # Per op type: convolutions forward, their gradients, the decoder's matmuls.
-    assert traced["Conv2D"] == 100 * (flops["forward"]["conv1"] + flops["forward"]["primarycaps"])
-    assert traced["MatMul"] == 100 * flops["train"]["decoder"]
+    assert traced["Conv2D"] == 100 * (counts["forward"]["conv1"] + counts["forward"]["primarycaps"])
+    assert traced["MatMul"] == 100 * counts["train"]["decoder"]
 
 
 def test_analytic_flops_follow_the_architecture() -> None:
     """One routing iteration and a 32x32x3 input change the count as the formulas say."""
-    one = bench.analytic_flops(routings=1)
-    three = bench.analytic_flops(routings=3)
+    one = flops.analytic_flops(routings=1)
+    three = flops.analytic_flops(routings=3)
     per_pass = 2 * 10 * 1152 * 16
     assert three["forward"]["routing"] - one["forward"]["routing"] == 4 * per_pass
-    rgb = bench.analytic_flops(input_shape=(32, 32, 3))
+    rgb = flops.analytic_flops(input_shape=(32, 32, 3))
     assert rgb["forward"]["conv1"] == 2 * (24 * 24 * 256) * (9 * 9 * 3)
     assert rgb["forward"]["u_hat"] == 2 * 10 * (8 * 8 * 32) * 16 * 8
+
+
+# ---------------------------------------------------------------------------------------------
+# The floor
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gemm_products_are_checked_against_float64() -> None:
+    """NumPy's and TensorFlow's timed products pass the float64 check; a product done in bfloat16
+    precision and one that skips the work are caught by the same check."""
+    rng = np.random.default_rng(0)
+    honest = [flops.numpy_gemm(256, 2, rng), flops.tf_gemm(256, 2, rng), flops.tf_gemm(256, 1, rng, chain=3)]
+    for c in honest:
+        assert c["error"] < flops.FP32_TOLERANCE and c["gflops"] > 0
+
+    def bfloat16(a: np.ndarray) -> np.ndarray:  # keep the top 16 bits of each float32
+        return (a.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+
+    b = rng.standard_normal((256, 256), dtype=np.float32)
+    low = flops._gemm_candidate("bf16", 256, lambda a, rows: (bfloat16(a) @ bfloat16(b))[rows], 2, 1, b, rng)
+    lazy = flops._gemm_candidate("lazy", 256, lambda a, rows: np.zeros((len(rows), 256), np.float32),
+                                 2, 1, b, rng)
+    floor = {"candidates": [*honest, low, lazy], "tolerance": flops.FP32_TOLERANCE, "peak": None}
+    flops.choose_floor(floor)
+    assert "refused" in low and "refused" in lazy and low["error"] > 10 * flops.FP32_TOLERANCE
+    assert all("refused" not in c for c in honest)
+    assert floor["floor_gflops"] == max(c["gflops"] for c in honest)
+
+
+def test_floor_refuses_rates_above_the_peak() -> None:
+    """A rate above the theoretical peak is refused (a timing artefact), the best of the rest is the
+    floor; with every candidate refused there is no floor."""
+    def candidate(library: str, gflops: float, error: float = 5e-7) -> dict:
+        return {"library": library, "n": 4096, "chain": 1, "gflops": gflops, "error": error}
+
+    peak = flops.cpu_peak(cores=2, override_gflops=240.0)
+    floor = {"candidates": [candidate("NumPy", 205.0), candidate("tf.matmul", 514.0),
+                            candidate("tf.matmul", 230.0, error=3e-3)],
+             "tolerance": flops.FP32_TOLERANCE, "peak": peak}
+    flops.choose_floor(floor)
+    assert floor["floor_gflops"] == 205.0 and floor["floor_source"] == "NumPy n=4096"
+    assert "peak" in floor["candidates"][1]["refused"] and "error" in floor["candidates"][2]["refused"]
+    floor["candidates"] = floor["candidates"][1:]
+    flops.choose_floor(floor)
+    assert floor["floor_gflops"] is None
+
+
+def test_cpu_peak_arithmetic() -> None:
+    """SPEC section 6's example, 2 Zen 4 cores: 2 x 32 FLOP/cycle x 3.7 GHz; AVX-512 with two full
+    FMA units counts 64; this machine's estimate is positive and says how it was made."""
+    per_cycle, _ = flops.flops_per_cycle({"avx512f", "avx2", "fma"}, "AuthenticAMD", 0x19)
+    assert 2 * per_cycle * 3.7 == pytest.approx(236.8)
+    assert flops.flops_per_cycle({"avx512f", "avx2", "fma"}, "GenuineIntel", 6)[0] == 64
+    assert flops.flops_per_cycle({"avx512f"}, "AuthenticAMD", 0x1A)[0] == 64
+    assert flops.flops_per_cycle({"avx2", "fma"}, "AuthenticAMD", 0x17)[0] == 32
+    here = flops.cpu_peak()
+    assert here["gflops"] == pytest.approx(here["cores"] * here["flops_per_cycle"] * here["ghz"])
+    assert f"{here['cores']} cores" in here["how"]
+    assert bench.parse_args(["--peak_gflops", "240"]).peak_gflops == 240.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing inside the loops
+# ---------------------------------------------------------------------------------------------
+
+
+def test_step_clock() -> None:
+    """Each step in the loop runs from its start to the next start; a call from start to end."""
+    clock = bench.StepClock()
+    clock.starts, clock.ends = [0.0, 1.0, 3.0], [0.5, 2.0, 3.5]
+    assert clock.in_loop() == [1.0, 2.0]
+    assert clock.calls() == [0.5, 1.0, 0.5]
+
+
+def test_epoch_projection_from_steps_in_the_loop() -> None:
+    """A median step of 0.4 s in the loop, 0.8 s per epoch outside steps and validation, 0.2 s to
+    validate 200 images: a 600-step epoch with a 10k-image validation is 240 + 0.8 + 10 s; steps are
+    pooled over epochs, the rest is the median over epochs."""
+    assert bench.project_epoch(0.4, 0.8, 0.2, 200) == pytest.approx(240 + 0.8 + 10)
+    records = [{"in_loop": [0.4, 0.4, 9.0], "calls": [0.3] * 4, "seconds": 12.0, "steps": 11.0, "valid": 0.2},
+               {"in_loop": [0.5, 0.3], "calls": [0.3] * 3, "seconds": 5.0, "steps": 3.0, "valid": 0.1}]
+    summary = bench.summarize_epochs(records, 4, 200)
+    assert summary["per_step"]["median"] == pytest.approx(0.4) and summary["per_step"]["n"] == 5
+    assert summary["other"] == pytest.approx((0.8 + 1.9) / 2)
+    assert summary["projected"] == pytest.approx(bench.project_epoch(0.4, 1.35, 0.15, 200))
+
+
+@pytest.mark.slow
+def test_epochs_are_timed_inside_each_loop(models: dict) -> None:
+    """`run_epoch` times every step of the product's `Trainer.train_epoch` and of the original's
+    `model.fit`, and leaves the product's steps object in place."""
+    data = bench.epoch_data(2, 100, seed=8)
+    for name in ("product", "baseline"):
+        variant = models[name]
+        weights = variant.train_model.get_weights()
+        try:
+            record = bench.run_epoch(variant, data, epoch=0)
+        finally:  # the other tests compare the two models' untrained, equal weights
+            variant.train_model.set_weights(weights)
+        assert len(record["calls"]) == 2 and len(record["in_loop"]) == 1
+        assert all(t > 0 for t in record["calls"] + record["in_loop"])
+        assert 0 < record["valid"] < record["seconds"]
+        assert sum(record["calls"]) <= record["steps"]
+        assert record["steps"] + record["valid"] <= record["seconds"]
+    assert models["product"].trainer.steps is models["product"].steps
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
 
 
 def test_results_writer_keeps_other_blocks(tmp_path: Path) -> None:
     """bench/RESULTS.md: only the bench block changes; other blocks and devices stay."""
     path = tmp_path / "RESULTS.md"
-    bench.write_results("### CPU\nfirst\n", "cpu-x", path)
+    report.write_results("### CPU\nfirst\n", "cpu-x", path)
     text = path.read_text()
     assert "<!-- bench:start -->" in text and "<!-- bench:end -->" in text and "first" in text
     replicas = "<!-- replicas:start -->\nreplica numbers\n<!-- replicas:end -->\n"
     path.write_text("# Title\n\nintro\n\n" + text + "\n" + replicas)
-    bench.write_results("### GPU\ngpu numbers\n", "gpu-y", path)
-    bench.write_results("### CPU\nsecond\n", "cpu-x", path)
+    report.write_results("### GPU\ngpu numbers\n", "gpu-y", path)
+    report.write_results("### CPU\nsecond\n", "cpu-x", path)
     text = path.read_text()
     assert text.startswith("# Title\n\nintro\n")
     assert text.endswith(replicas)
     assert "second" in text and "first" not in text and "gpu numbers" in text
     assert text.count("<!-- bench:start -->") == 1 and text.count("bench:device cpu-x") == 1
-    bench.write_results("### CPU\nsecond\n", "cpu-x", path)
+    report.write_results("### CPU\nsecond\n", "cpu-x", path)
     assert path.read_text() == text  # rewriting the same section changes nothing
-
-
-def test_epoch_projection_separates_per_epoch_cost() -> None:
-    """Epochs of 5 and 10 steps taking 3 s and 5 s: 0.4 s per step, 1 s per epoch of which 0.2
-    is validation of 200 images; 600 steps + 10k-image validation: 0.8 + 240 + 10 s."""
-    summary = bench.epoch_summary([(3.0, 5.0)], 5, 0.2, 200)
-    assert summary["per_step"] == pytest.approx(0.4)
-    assert summary["setup"] == pytest.approx(0.8)
-    assert summary["projected"] == pytest.approx(0.8 + 240 + 10)
+    report.write_section(path, "replicas", "m", "### M\nnew replicas\n", report.REPLICAS_INTRO)
+    text = path.read_text()
+    assert "replica numbers" in text and "new replicas" in text and "second" in text
 
 
 def _fake_results(gpu: bool) -> dict:
@@ -249,10 +423,17 @@ def _fake_results(gpu: bool) -> dict:
     device = {"kind": "GPU" if gpu else "CPU", "name": "Fake", "cpu": "Fake CPU (2 cores)",
               "cores": 2, "key": "fake"}
     config = bench.Config(steps=3, rounds=2, warmup=1, epoch_steps=5, epoch_rounds=1,
-                          valid_images=200, inference_images=300, inference_calls=3,
-                          gemm_repeats=3, memory_steps=3, min_slow_steps=1, thread_rounds=1)
-    floor = {"numpy_gflops": 200.0, "tf_gflops": 400.0, "tf_device": "CPU", "tf32_note": ""}
-    bench.choose_floor(floor, gpu)
+                          valid_images=200, inference_images=300, gemm_sizes=(2048,), gemm_repeats=3,
+                          memory_steps=3, min_slow_steps=1, inference_calls=3, thread_rounds=1)
+    candidates = [{"library": "NumPy", "n": 4096, "chain": 1, "gflops": 200.0, "error": 5e-7},
+                  {"library": "tf.matmul", "n": 4096, "chain": 1, "gflops": 514.0, "error": 5e-7},
+                  {"library": "tf.matmul", "n": 2048, "chain": 1, "gflops": 150.0, "error": 8e-3}]
+    floor = {"candidates": candidates[1:] if gpu else candidates, "gpu": gpu, "tf32": gpu,
+             "tolerance": flops.TF32_TOLERANCE if gpu else flops.FP32_TOLERANCE,
+             "peak": None if gpu else flops.cpu_peak(cores=2, override_gflops=240.0)}
+    flops.choose_floor(floor)
+    record = {"in_loop": [0.5, 0.6], "calls": [0.4, 0.5, 0.4], "seconds": 3.0, "steps": 1.5, "valid": 0.2}
+    slow = {**record, "in_loop": [1.0, 1.2], "seconds": 6.0}
     return {
         "meta": {"date": "2026-01-01 00:00 UTC", "command": "python bench/bench.py --quick",
                  "mode": "quick", "device": device, "tensorflow": "x", "keras": "x", "numpy": "x",
@@ -260,12 +441,12 @@ def _fake_results(gpu: bool) -> dict:
                  "epoch_config": {"steps": 5, "valid_images": 200}, "inference_images": 300,
                  "memory_steps": 3},
         "floor": floor,
-        "flops": {**bench.analytic_flops(), "graph_train_per_image": 1202.3e6},
+        "flops": {**flops.analytic_flops(), "graph_train_per_image": 1202.3e6},
         "steps": {name: {**s, "first_call": 1.0, "note": ""} for name in bench.VARIANTS},
-        "epoch": {"product": bench.epoch_summary([(3.0, 5.0), (3.2, 5.2)], 5, 0.2, 200),
-                  "baseline": bench.epoch_summary([(6.0, 10.0)], 5, 0.4, 200)},
+        "epoch": {"product": bench.summarize_epochs([record, record], 5, 200),
+                  "baseline": bench.summarize_epochs([slow], 5, 200)},
         "inference": {"product": s, "baseline": {**s, "median": 1.0}},
-        "manipulation": {"product": s, "baseline": {**s, "median": 20.0}, "proposal": s},
+        "manipulation": {"product": s, "baseline": {**s, "median": 20.0}},
         "memory": {"product": {"peak_rss_mb": 1, "rss_before_build_mb": 1,
                                "rss_after_build_mb": 1, "gpu_peak_mb": None},
                    "baseline": {"error": "timed out"}},
@@ -276,16 +457,54 @@ def _fake_results(gpu: bool) -> dict:
 
 @pytest.mark.parametrize("gpu", [False, True])
 def test_render_every_section(gpu: bool) -> None:
-    """The report renders every phase, failed phases and failed probes without raising."""
-    text = bench.render(_fake_results(gpu))
+    """The report renders every phase, the floor's candidates (refused ones with the reason), failed
+    phases and failed probes without raising."""
+    results = _fake_results(gpu)
+    text = report.render(results)
     for heading in ("**Floor.**", "**Training step**", "**End-to-end epoch**", "**Inference**",
                     "**Manipulation grid**", "**Peak memory", "**TensorFlow thread settings**",
-                    "**Targets of issue 4**", "**End-to-end epoch failed**"):
+                    "**Targets**", "**End-to-end epoch failed**"):
         assert heading in text
-    assert "| manipulation grid speed-up | >= 20.0x | 40.00x | met |" in text
-    assert "| inference speed-up | >= 1.3x | 2.00x | met |" in text
-    assert "| end-to-end epoch speed-up (projected 60k + 10k) | >= 1.5x | 2.00x | met |" in text
+    assert "| manipulation grid speed-up | 4 | >= 20.0x | 40.00x | met |" in text
+    assert "| inference speed-up | 4 | >= 1.3x | 2.00x | met |" in text
+    speedup = results["epoch"]["baseline"]["projected"] / results["epoch"]["product"]["projected"]
+    assert (f"| end-to-end epoch speed-up (projected 60k + 10k) | 4, 12 | >= 1.5x | {speedup:.2f}x | met |"
+            in text)
+    assert "refused: error 8.0e-03" in text
+    if gpu:
+        assert "Floor = tf.matmul n=4096, 514 GFLOP/s" in text and "Theoretical" not in text
+    else:
+        assert "refused: above the theoretical peak of 240 GFLOP/s" in text
+        assert "Theoretical fp32 peak: 240 GFLOP/s" in text
+        assert "Floor = NumPy n=4096, 200 GFLOP/s (83% of the peak), i.e. 601 ms per training step" in text
+        step_floor = results["flops"]["train_total"] * 100 / 200e9
+        assert f"| training step / fp32 floor | 12 | <= 1.3x | {0.5 / step_floor:.2f}x | met |" in text
     partial = _fake_results(gpu)
     for phase in ("steps", "epoch", "inference", "manipulation", "memory", "threads"):
         partial.pop(phase)
-    assert "**Training step**" not in bench.render(partial)
+    assert "**Training step**" not in report.render(partial)
+
+
+def test_render_without_a_floor() -> None:
+    """Every candidate refused: the report says so and gives no 'x floor' ratio or floor target."""
+    results = _fake_results(gpu=False)
+    for c in results["floor"]["candidates"]:
+        c["error"] = 1.0
+    flops.choose_floor(results["floor"])
+    text = report.render(results)
+    assert "**No floor**" in text and "fp32 floor |" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| `product` | "))
+    assert "| - |" in row
+
+
+def test_render_replicas() -> None:
+    """replicas.py's table: speed-ups against the 1-replica row, failures in place."""
+    rows = [{"kind": "cpu", "replicas": 1, "batch": 32, "ms_per_step": 600.0, "samples_per_s": 53.3,
+             "strategy": "_DefaultDistributionStrategy"},
+            {"kind": "cpu", "replicas": 2, "batch": 32, "ms_per_step": 738.0, "samples_per_s": 43.4,
+             "strategy": "MirroredStrategy"},
+            {"kind": "gpu", "replicas": 2, "batch": 300, "error": "no | GPU"}]
+    text = report.render_replicas(rows, "Fake (2 cores)", 2, None, "TensorFlow x, Keras y", "2026-01-01")
+    assert "| 1 | 1 CPU device | default (one device) | 32 | 600 | 53.3 | 1.00x |" in text
+    assert "| 2 | 2 logical CPU devices | MirroredStrategy | 32 | 738 | 43.4 | 0.81x |" in text
+    assert "failed: no / GPU" in text and "same 2 cores" in text

@@ -1,0 +1,380 @@
+"""How much arithmetic CapsNet does, and how fast this machine can do arithmetic at all: the floor.
+
+- `analytic_flops`: FLOPs per image of CapsNet's forward pass and training step, from the architecture
+  (SPEC section 6: 1,202.6 MFLOP per training image, 120.3 GFLOP per batch-100 step on MNIST).
+- `graph_flops`: the same counted on a traced TensorFlow function (the product's training step), as an
+  independent check of the formulas.
+- `measure_floor`: the best fp32 matrix product this machine reaches (NumPy's and TensorFlow's, several
+  sizes and repeats). Every timed product is checked against a float64 NumPy product, so a timing that
+  skipped work, or ran in reduced precision, cannot become the floor; and every rate is compared with
+  the CPU's theoretical peak (`cpu_peak`): a rate above it is a timing artefact and is refused.
+
+A training step's floor is then `analytic_flops()['train_total'] * batch / floor_gflops`.
+
+Usage::
+
+    import flops
+
+    per_image = flops.analytic_flops()                      # {'forward': {...}, 'train_total': ...}
+    traced = flops.graph_flops(steps.train_step.get_concrete_function(x, y))   # {'Conv2D': ...}
+    floor = flops.measure_floor(sizes=(2048, 4096), repeats=3, gpu=False)
+    print(floor['floor_gflops'], floor['peak']['gflops'])
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import common
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# CapsNet's FLOPs
+# ---------------------------------------------------------------------------------------------
+
+
+def conv_macs(in_hw: int, kernel: int, stride: int, c_in: int, c_out: int) -> tuple[int, int]:
+    """Multiply-adds of a square 'valid' convolution per image, and its output size."""
+    out_hw = (in_hw - kernel) // stride + 1
+    return out_hw * out_hw * c_out * kernel * kernel * c_in, out_hw
+
+
+def analytic_flops(input_shape: Sequence[int] = common.INPUT_SHAPE, n_class: int = common.N_CLASS,
+                   routings: int = common.ROUTINGS) -> dict[str, Any]:
+    """FLOPs per image of CapsNet (2 per multiply-add; matmul-like operations only).
+
+    Counts conv1, the PrimaryCaps conv, `u_hat`, the routing contractions (`s = sum c u_hat` each
+    iteration, the agreement `v . u_hat` in all but the last) and the decoder's three Dense layers.
+    Training = forward + gradient w.r.t. the inputs + gradient w.r.t. the weights, each as costly
+    as the forward, except: conv1 needs no input gradient (the image), and the first routing
+    iteration's coupling coefficients are the constant softmax(0) = 1/n_class, so no gradient is
+    computed for them. `spec_train_total` is the SPEC's convention, which keeps that last term
+    (1202.6 MFLOP per image, 120.3 GFLOP per batch-100 step for MNIST).
+
+    Args:
+        input_shape: `[rows, cols, channels]` (square images).
+
+    Returns:
+        `{'forward': {part: flops}, 'train': {part: flops}, 'forward_total', 'train_total',
+        'spec_train_total'}` per image.
+    """
+    rows, _, channels = (int(d) for d in input_shape)
+    conv1, hw1 = conv_macs(rows, 9, 1, channels, 256)
+    primary, hw2 = conv_macs(hw1, 9, 2, 256, 256)
+    n_primary = hw2 * hw2 * 32  # 8-dimensional capsules, 32 types
+    u_hat = n_class * n_primary * 16 * 8
+    weighted_sum = n_class * n_primary * 16  # s_j = sum_i c_ij u_hat_ij, one iteration
+    agreement = n_class * n_primary * 16  # b_ij += u_hat_ij . v_j
+    decoder = 16 * n_class * 512 + 512 * 1024 + 1024 * rows * rows * channels
+    forward = {
+        "conv1": 2 * conv1,
+        "primarycaps": 2 * primary,
+        "u_hat": 2 * u_hat,
+        "routing": 2 * (routings * weighted_sum + (routings - 1) * agreement),
+        "decoder": 2 * decoder,
+    }
+    train = {part: 3 * flops for part, flops in forward.items()}
+    train["conv1"] -= forward["conv1"]  # no gradient w.r.t. the input image
+    spec_train_total = sum(train.values())
+    train["routing"] -= 2 * weighted_sum  # d/dc of the first iteration: c is a constant
+    return {
+        "forward": forward,
+        "train": train,
+        "forward_total": sum(forward.values()),
+        "train_total": sum(train.values()),
+        "spec_train_total": spec_train_total,
+    }
+
+
+def _einsum_flops(op: Any) -> int:
+    """2 x the product of every index's size: the multiply-adds of a contraction."""
+    equation = op.get_attr("equation").decode()
+    inputs, _ = equation.split("->")
+    sizes: dict[str, int] = {}
+    for letters, tensor in zip(inputs.split(","), op.inputs, strict=True):
+        for letter, dim in zip(letters, tensor.shape.as_list(), strict=True):
+            sizes[letter] = int(dim)
+    return 2 * math.prod(sizes.values())
+
+
+def _conv_backprop_flops(op: Any) -> int:
+    """A convolution's gradient costs its forward: 2 x output elements x kernel volume.
+
+    `Conv2DBackpropInput(input_sizes, filter, out_backprop)` reads the filter shape from its
+    operand, `Conv2DBackpropFilter(input, filter_sizes, out_backprop)` from its output.
+    """
+    filter_tensor = op.outputs[0] if op.type == "Conv2DBackpropFilter" else op.inputs[1]
+    filter_shape = filter_tensor.shape.as_list()
+    out_backprop = op.inputs[2].shape.as_list()
+    return 2 * math.prod(out_backprop) * math.prod(filter_shape[:3])
+
+
+def _live_ops(graph: Any) -> set[str]:
+    """Names of the ops that a function's outputs or side effects depend on (dead code is pruned
+    by TensorFlow before running, e.g. the gradient w.r.t. the input image)."""
+    stack = [t.op for t in graph.outputs] + list(graph.control_outputs)
+    seen: set[str] = set()
+    while stack:
+        op = stack.pop()
+        if op.name not in seen:
+            seen.add(op.name)
+            stack.extend(t.op for t in op.inputs)
+            stack.extend(op.control_inputs)
+    return seen
+
+
+def graph_flops(concrete_function: Any) -> dict[str, int]:
+    """FLOPs of the live matmul-like ops of a traced TensorFlow function, by op type.
+
+    `Conv2D` and `MatMul`/`BatchMatMul` use TensorFlow's own registered counts; `Einsum` (which has
+    none) is counted from its equation; the conv gradients from their operand shapes (TensorFlow's
+    registered count for them ignores the stride).
+
+    Raises:
+        ValueError: the graph holds a loop (`map_fn`), whose trip count a static count cannot know.
+    """
+    from tensorflow.python.framework import ops as tf_ops
+    from tensorflow.python.util import deprecation
+
+    graph = concrete_function.graph
+    live = _live_ops(graph)
+    totals: dict[str, int] = {}
+    for op in graph.get_operations():
+        if op.name not in live:
+            continue
+        if op.type in ("While", "StatelessWhile"):
+            raise ValueError("graph_flops cannot count loops; trace a graph without map_fn")
+        if op.type == "Einsum":
+            flops = _einsum_flops(op)
+        elif op.type in ("Conv2DBackpropInput", "Conv2DBackpropFilter"):
+            flops = _conv_backprop_flops(op)
+        elif op.type in ("Conv2D", "MatMul", "BatchMatMulV2", "BatchMatMulV3"):
+            with deprecation.silence():  # the registered counters use a TF1 shape helper
+                flops = int(tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value)
+        else:
+            continue
+        totals[op.type] = totals.get(op.type, 0) + flops
+    return totals
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU's theoretical peak
+# ---------------------------------------------------------------------------------------------
+
+# Above this clock no CPU core runs: the bound used when the machine reports no clock at all (virtual
+# machines often hide it), so that the peak stays an upper bound.
+ASSUMED_MAX_GHZ = 5.0
+
+
+def flops_per_cycle(flags: set[str], vendor: str, family: int) -> tuple[int, str]:
+    """fp32 FLOPs one core can start per cycle, an upper bound, and why.
+
+    2 FMA units x SIMD lanes x 2 FLOPs per FMA: AVX2 (8 lanes) gives 32; AVX-512 (16 lanes) gives 64 on
+    cores with two full 512-bit FMA units (Intel's server cores, AMD Zen 5), but Zen 4 (AMD family
+    0x19) runs AVX-512 on its 256-bit units, so 32. Intel parts with one 512-bit FMA unit reach half
+    of 64; the bound stays an upper bound, which is what refusing a measured rate needs.
+    """
+    if "avx512f" in flags:
+        if vendor == "AuthenticAMD" and family < 0x1A:
+            return 32, "AVX-512 on 256-bit units (AMD Zen 4): 2 FMA x 8 lanes x 2"
+        return 64, "AVX-512: 2 FMA x 16 lanes x 2"
+    if "avx2" in flags and "fma" in flags:
+        return 32, "AVX2: 2 FMA x 8 lanes x 2"
+    if "avx" in flags:
+        return 16, "AVX: 8-lane add + 8-lane multiply"
+    return 8, "SSE: 4-lane add + 4-lane multiply"
+
+
+def cpu_clock_ghz() -> tuple[float, str]:
+    """The fastest clock a core may run at, in GHz, and where it came from.
+
+    In order: `lscpu`'s "CPU max MHz", cpufreq's `cpuinfo_max_freq`, the "@ 3.70GHz" of the model name
+    (nominal: boost may exceed it), /proc/cpuinfo's "cpu MHz" (the current clock), else
+    `ASSUMED_MAX_GHZ`.
+    """
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    match = re.search(r"^CPU max MHz:\s*([\d.]+)", out, re.MULTILINE)
+    if match and float(match.group(1)) > 0:
+        return float(match.group(1)) / 1000, "lscpu max MHz"
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+            return int(f.read()) / 1e6, "cpufreq max"
+    except (OSError, ValueError):
+        pass
+    info = common.cpu_info()
+    match = re.search(r"@\s*([\d.]+)\s*GHz", info.get("model name", ""))
+    if match:
+        return float(match.group(1)), "model name (nominal; boost may exceed it)"
+    if info.get("cpu MHz"):
+        return float(info["cpu MHz"]) / 1000, "/proc/cpuinfo cpu MHz (current; boost may exceed it)"
+    return ASSUMED_MAX_GHZ, f"none reported; {ASSUMED_MAX_GHZ:g} GHz assumed as an upper bound"
+
+
+def cpu_peak(cores: int | None = None, override_gflops: float | None = None) -> dict[str, Any]:
+    """The theoretical fp32 peak of the cores this process may use: cores x FLOPs/cycle x clock.
+
+    SPEC section 6's example: 2 Zen 4 cores x 32 FLOP/cycle x 3.7 GHz = 237 GFLOP/s.
+
+    Args:
+        cores: default: the cores this process may run on.
+        override_gflops: a peak known better than this estimate (`--peak_gflops`).
+
+    Returns:
+        `{'gflops', 'cores', 'flops_per_cycle', 'ghz', 'how'}`; `how` states the assumptions.
+    """
+    cores = cores or common.cpu_cores()
+    if override_gflops:
+        return {"gflops": float(override_gflops), "cores": cores, "flops_per_cycle": None, "ghz": None,
+                "how": "given with --peak_gflops"}
+    info = common.cpu_info()
+    family = int(info.get("cpu family", "0") or 0)
+    per_cycle, why = flops_per_cycle(set(info.get("flags", "").split()), info.get("vendor_id", ""),
+                                     family)
+    ghz, clock = cpu_clock_ghz()
+    return {"gflops": cores * per_cycle * ghz, "cores": cores, "flops_per_cycle": per_cycle,
+            "ghz": ghz,
+            "how": f"{cores} cores x {per_cycle} FLOP/cycle ({why}) x {ghz:.2f} GHz (clock: {clock})"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The floor: the best verified fp32 matrix product
+# ---------------------------------------------------------------------------------------------
+
+# Largest error of a timed product against float64, relative to the largest entry: fp32 accumulation
+# stays near 1e-6 at these sizes; bfloat16 or TF32 inputs are near 1e-3.
+FP32_TOLERANCE = 2e-5
+TF32_TOLERANCE = 5e-3
+CHECKED_ROWS = 16  # rows of each product recomputed in float64
+
+
+def _relative_error(rows: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(rows - reference).max() / np.abs(reference).max())
+
+
+def _gemm_candidate(library: str, n: int, run: Callable[[Any, np.ndarray], np.ndarray], repeats: int,
+                    chain: int, b: np.ndarray, rng: np.random.Generator,
+                    prepare: Callable[[np.ndarray], Any] = lambda a: a) -> dict[str, Any]:
+    """Times `run(prepare(a), rows)`: `chain` products `a @ b @ b ...` returning the result's `rows`,
+    on a fresh `a` each repeat (so that nothing can be cached), and checks every result in float64.
+
+    Returns:
+        `{'library', 'n', 'chain', 'gflops' (best repeat), 'error'}` (`error`: the worst repeat's
+        largest deviation from float64, relative to the largest entry).
+    """
+    rows = rng.choice(n, CHECKED_ROWS, replace=False)
+    b64 = b.astype(np.float64)
+    best, worst_error = math.inf, 0.0
+    for i in range(repeats + 1):  # the first call starts thread pools (and traces): not timed
+        a = rng.standard_normal((n, n), dtype=np.float32)
+        operand = prepare(a)  # e.g. copied to the device, before the clock starts
+        start = time.perf_counter()
+        result = run(operand, rows)
+        seconds = time.perf_counter() - start
+        reference = a[rows].astype(np.float64)
+        for _ in range(chain):
+            reference = reference @ b64
+        worst_error = max(worst_error, _relative_error(result, reference))
+        if i > 0:
+            best = min(best, seconds)
+    return {"library": library, "n": n, "chain": chain,
+            "gflops": 2 * n**3 * chain / best / 1e9, "error": worst_error}
+
+
+def numpy_gemm(n: int, repeats: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Best GFLOP/s of a float32 `n x n` NumPy product (its BLAS, every core) over `repeats`."""
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    return _gemm_candidate("NumPy", n, lambda a, rows: (a @ b)[rows], repeats, 1, b, rng)
+
+
+def tf_gemm(n: int, repeats: int, rng: np.random.Generator, chain: int = 1) -> dict[str, Any]:
+    """Best GFLOP/s of a float32 `n x n` `tf.matmul` on TensorFlow's default device.
+
+    `chain` dependent products run in one `tf.function` (a GPU's launch latency amortised; grappler
+    cannot merge them); the inputs are arguments, not captured constants, so nothing is folded at
+    trace time; reading the checked rows back waits for the device.
+    """
+    import tensorflow as tf
+
+    # Scaled so that a chain of products keeps its entries near 1 (no overflow, same relative error).
+    b = (rng.standard_normal((n, n), dtype=np.float32) / np.float32(math.sqrt(n)))
+    b_tensor = tf.constant(b)
+
+    @tf.function
+    def product(a: Any, b: Any, rows: Any) -> Any:
+        for _ in range(chain):
+            a = tf.matmul(a, b)
+        return tf.gather(a, rows)
+
+    def run(a: Any, rows: np.ndarray) -> np.ndarray:
+        return product(a, b_tensor, tf.constant(rows)).numpy()
+
+    return _gemm_candidate("tf.matmul", n, run, repeats, chain, b, rng, prepare=tf.constant)
+
+
+def measure_floor(sizes: Sequence[int], repeats: int, gpu: bool, tf32: bool = False,
+                  peak: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every (library, size) candidate for the floor, checked, and the floor chosen among them.
+
+    On a GPU only `tf.matmul` on the GPU counts (it is what trains) and no CPU peak applies; on a CPU
+    NumPy's and TensorFlow's both count.
+
+    Args:
+        sizes: matrix sizes `n` to try.
+        repeats: timed products per candidate (the best counts).
+        gpu: whether TensorFlow's default device is a GPU.
+        tf32: whether TensorFlow may use TF32 for fp32 products there (its default on Ampere and
+            later, as in training): the check then allows TF32's error.
+        peak: `cpu_peak()` (default: computed here); ignored on a GPU.
+
+    Returns:
+        `{'candidates': [...], 'peak', 'tolerance', 'gpu', ...}` with the floor chosen as in
+        `choose_floor`.
+    """
+    rng = np.random.default_rng(0)
+    candidates = []
+    for n in sizes:
+        if not gpu:
+            candidates.append(numpy_gemm(n, repeats, rng))
+        candidates.append(tf_gemm(n, repeats, rng, chain=10 if gpu else 1))
+    floor = {"candidates": candidates, "gpu": gpu, "tf32": tf32,
+             "peak": None if gpu else (peak or cpu_peak()),
+             "tolerance": TF32_TOLERANCE if tf32 else FP32_TOLERANCE}
+    choose_floor(floor)
+    return floor
+
+
+def choose_floor(floor: dict[str, Any]) -> None:
+    """Marks each candidate accepted or refused (`'refused'`: why), and sets `floor_gflops` and
+    `floor_source` to the fastest accepted one (None when every one was refused).
+
+    A candidate is refused when its product differs from float64 by more than `floor['tolerance']`
+    (work skipped, or done in reduced precision) or when its rate exceeds the CPU's theoretical peak
+    (a timing artefact, or a peak assumption that is wrong for this CPU: `--peak_gflops`).
+    """
+    peak = floor.get("peak")
+    for c in floor["candidates"]:
+        c.pop("refused", None)
+        if not c["error"] <= floor["tolerance"]:
+            c["refused"] = f"error {c['error']:.1e} vs float64 above {floor['tolerance']:.0e}"
+        elif peak and c["gflops"] > peak["gflops"]:
+            c["refused"] = f"above the theoretical peak of {peak['gflops']:.0f} GFLOP/s"
+    accepted = [c for c in floor["candidates"] if "refused" not in c]
+    best = max(accepted, key=lambda c: c["gflops"], default=None)
+    floor["floor_gflops"] = best["gflops"] if best else None
+    floor["floor_source"] = f"{best['library']} n={best['n']}" if best else None
+
+
+def merge_floors(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Both measurements' candidates (e.g. before and after the other work, in case the machine was
+    busier at one time), the floor chosen again among all of them."""
+    merged = {**first, "candidates": first["candidates"] + second["candidates"]}
+    choose_floor(merged)
+    return merged
