@@ -466,12 +466,13 @@ def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, b
     data, class_names = setup(args)
     (x_train, y_train), (x_test, y_test) = data
     config = training.TrainConfig.from_args(args)
-    optimizer = training.make_optimizer(config.lr, config.lr_decay,
-                                        training.steps_per_epoch(len(x_train), config.batch_size))
     rows, cols, channels = x_train.shape[1:]
     if args.multimnist:  # each digit padded by multimnist.PAD on every side
         rows, cols = rows + 2 * multimnist.PAD, cols + 2 * multimnist.PAD
+    # The optimizer too is made under the strategy: its variables are mirrored like the weights.
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        optimizer = training.make_optimizer(config.lr, config.lr_decay,
+                                            training.steps_per_epoch(len(x_train), config.batch_size))
         model, eval_model, manipulate_model = CapsNet((rows, cols, channels), y_train.shape[1], args.routings)
         compile_like_original(model, optimizer, config.lam_recon)
         train_model = two_digit_train_model(model) if args.multimnist else model

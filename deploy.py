@@ -41,9 +41,7 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras import ops
 
-import capsulelayers
 import image_folder
 import saving
 import utils
@@ -220,29 +218,6 @@ def _write_predictions(table: list[list[Any]], previews: list[np.ndarray], class
 # ---------------------------------------------------------------------------------------------
 
 
-class _ExportMask(capsulelayers.Mask):
-    """`Mask` without `keras.ops.argmax`, for exported graphs (same outputs).
-
-    On TensorFlow, `ops.argmax` guards against flush-to-zero with a sign-bit test made of `Bitcast`
-    and `BitwiseAnd`: tf2onnx has no ONNX op for them (onnxruntime refuses the file) and LiteRT runs
-    them only with the Flex delegate, which the `ai-edge-litert` interpreter lacks. Lengths are
-    positive, so the guard is not needed: the kept capsule is the first of the longest ones, found
-    with max, equal and min, which every runtime has.
-    """
-
-    def call(self, inputs: Any) -> Any:
-        if isinstance(inputs, (list, tuple)):
-            return super().call(inputs)
-        capsules = inputs  # [batch, n_class, dim]
-        n_class, dim = capsules.shape[1], capsules.shape[2]
-        lengths = capsulelayers.safe_norm(capsules, axis=-1)  # [batch, n_class]
-        positions = ops.arange(n_class, dtype="int32")[None, :]  # [1, n_class]
-        longest = ops.equal(lengths, ops.max(lengths, axis=1, keepdims=True))
-        first = ops.min(ops.where(longest, positions, n_class), axis=1, keepdims=True)  # [batch, 1]
-        mask = ops.cast(ops.equal(positions, first), capsules.dtype)
-        return ops.reshape(capsules * ops.expand_dims(mask, -1), (-1, n_class * dim))
-
-
 def export_model(eval_model: keras.Model, fmt: str, save_dir: str | os.PathLike) -> Path:
     """Exports the eval model with Keras' `model.export` for serving without this project's code.
 
@@ -311,8 +286,7 @@ def _all_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
 
 
 def _exportable(eval_model: keras.Model) -> keras.Model:
-    """The eval model as it is exported: float32 throughout, `_ExportMask` instead of `Mask`, and
-    library convolutions.
+    """The eval model as it is exported: float32 throughout, and library convolutions.
 
     Shares the other layers (and so their weights) with `eval_model`, or with its float32 copy.
     """
@@ -321,8 +295,6 @@ def _exportable(eval_model: keras.Model) -> keras.Model:
         model = _float32_copy(eval_model)
 
     def swap(layer: keras.layers.Layer) -> keras.layers.Layer:
-        if isinstance(layer, capsulelayers.Mask):
-            return _ExportMask.from_config(layer.get_config())
         config = layer.get_config()
         if isinstance(layer, keras.layers.Conv2D) and config.get("implementation", "conv") != "conv":
             # A convolution that may run as a gather and a matrix product (im2col, chosen by the

@@ -14,6 +14,7 @@ never leaves a truncated file where a good one was.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -21,7 +22,9 @@ import warnings
 import zipfile
 
 import keras
+import numpy as np
 
+import capsulelayers  # noqa: F401 - registers the layers that .keras files name
 import utils
 from errors import UserError
 
@@ -143,21 +146,35 @@ def _load_by_format(model: keras.Model, path: str) -> None:
 def _load_error(error: Exception) -> str:
     """The useful part of a weight-loading error, on one line."""
     text = " ".join(str(error).split())
-    shapes = re.search(r"name=([\w.-]+).*?variable\.shape=(\([^)]*\)).*?value\.shape=(\([^)]*\))",
-                       text)
-    if shapes:
-        layer, expected, found = shapes.groups()
-        return f"layer {layer} needs weights of shape {expected}, the file holds {found}"
+    # Keras 3 files name the layer and both shapes one way, legacy Keras-2 files another.
+    patterns = (r"name=([\w.-]+).*?variable\.shape=(\([^)]*\)).*?value\.shape=(\([^)]*\))",
+                r"\(named ([\w.-]+)\).*?expects shape (\([^)]*\)).*?saved weight with shape (\([^)]*\))")
+    for pattern in patterns:
+        shapes = re.search(pattern, text)
+        if shapes:
+            layer, expected, found = shapes.groups()
+            return f"layer {layer} needs weights of shape {expected}, the file holds {found}"
     return text[:300] or type(error).__name__
 
 
 def save_weights(model: keras.Model, path: str | os.PathLike) -> None:
-    """`model.save_weights`, through a temporary file and a rename."""
+    """`model.save_weights`, through a temporary file and a rename.
+
+    Raises:
+        OSError: naming `path`, e.g. the disk is full (checked first: see `utils.check_free_space`).
+    """
+    utils.check_free_space(path, _weight_bytes(model))
     with utils.atomic_path(path) as tmp:
         model.save_weights(tmp)
 
 
 def save_model(model: keras.Model, path: str | os.PathLike) -> None:
-    """`model.save` (`.keras`), through a temporary file and a rename."""
+    """`model.save` (`.keras`), through a temporary file and a rename; see `save_weights`."""
+    utils.check_free_space(path, _weight_bytes(model))
     with utils.atomic_path(path) as tmp:
         model.save(tmp)
+
+
+def _weight_bytes(model: keras.Model) -> int:
+    """About what a file of `model`'s weights takes: the arrays plus 1 MiB for HDF5's structure."""
+    return sum(math.prod(w.shape) * np.dtype(w.dtype).itemsize for w in model.weights) + 2**20

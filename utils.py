@@ -8,9 +8,12 @@ command line runs offline.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import math
 import os
+import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -62,9 +65,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename:
+            raise
+        # Some writers (h5py) raise without a file name, the errno only inside the message: name the
+        # file the user asked for, so that the CLI's one line says which file failed and why.
+        found = re.search(r"errno = (\d+)", str(e))
+        code = e.errno or (int(found.group(1)) if found else 0)
+        raise OSError(code, os.strerror(code) if code else str(e).splitlines()[0], str(path)) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_free_space(path: str | os.PathLike, needed_bytes: int) -> None:
+    """Raises `OSError(ENOSPC)` naming `path` when its folder has less than `needed_bytes` free.
+
+    Checked before writers that crash rather than fail on a full disk: h5py was seen to die with a
+    segmentation fault when the disk filled in the middle of `save_weights`.
+    """
+    free = shutil.disk_usage(Path(path).parent).free
+    if free < needed_bytes:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free, "
+                                    f"about {needed_bytes} needed)", str(path))
 
 
 @contextlib.contextmanager

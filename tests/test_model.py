@@ -4,16 +4,19 @@ latent manipulation and the image grids."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import h5py
 import keras
 import numpy as np
 import pytest
 import reference as ref
+from conftest import child_env, describe, run_script
 from PIL import Image
 
 import capsulenet
@@ -23,9 +26,6 @@ from errors import UserError
 
 INPUT_SHAPE = (28, 28, 1)
 WEIGHTED_LAYERS = ("conv1", "primarycap_conv2d", "digitcaps", "decoder")
-# Layer order of the original Keras-2 train model (model.layers), weightless layers included.
-LEGACY_LAYER_NAMES = ("input_1", "conv1", "primarycap_conv2d", "primarycap_reshape",
-                      "primarycap_squash", "digitcaps", "input_2", "mask_1", "capsnet", "decoder")
 PERTURBATIONS = [-0.25, -0.2, -0.15, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2, 0.25]
 
 Models = tuple[keras.Model, keras.Model, keras.Model]
@@ -225,61 +225,67 @@ def test_missing_weights_file_is_a_user_error(models: Models, tmp_path: Path) ->
         saving.load_weights(models[0], str(tmp_path / "nothing.h5"))
 
 
-def legacy_weights(n_class: int, seed: int) -> dict[str, list[tuple[str, np.ndarray]]]:
-    """Random weights named as Keras 2.0.7 named the original train model's variables."""
-    rng = np.random.default_rng(seed)
-    shapes = {
-        "conv1": [("conv1/kernel:0", (9, 9, 1, 256)), ("conv1/bias:0", (256,))],
-        "primarycap_conv2d": [("primarycap_conv2d/kernel:0", (9, 9, 256, 256)),
-                              ("primarycap_conv2d/bias:0", (256,))],
-        "digitcaps": [("digitcaps/W:0", (n_class, 1152, 16, 8))],
-        "decoder": [("dense_1/kernel:0", (16 * n_class, 512)), ("dense_1/bias:0", (512,)),
-                    ("dense_2/kernel:0", (512, 1024)), ("dense_2/bias:0", (1024,)),
-                    ("dense_3/kernel:0", (1024, 784)), ("dense_3/bias:0", (784,))],
-    }
-    return {layer: [(name, (rng.standard_normal(shape, dtype=np.float32) * 0.05))
-                    for name, shape in entries] for layer, entries in shapes.items()}
+@pytest.fixture(scope="module")
+def keras2_files(small_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real Keras-2 files: `tests/keras2_writer.py` run under legacy Keras (`tf_keras` with
+    `TF_USE_LEGACY_KERAS=1`, in a child process) writes `x.h5` (`save_weights`), `full.h5` (`save`) and
+    `five.h5` (5 classes) of the original model with long capsules, its own predictions on
+    `small_npz`'s test images (`predictions.npz`) and a relabelled copy of the data (`relabelled.npz`)."""
+    if importlib.util.find_spec("tf_keras") is None:
+        missing = "tf_keras is not installed (pip install -r requirements-dev.txt)"
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    out = tmp_path_factory.mktemp("keras2")
+    result = run_script("tests/keras2_writer.py", str(small_npz), str(out),
+                        env=child_env(TF_USE_LEGACY_KERAS="1"), timeout=300)
+    assert result.returncode == 0, describe(result)
+    return out
 
 
-def write_legacy_h5(path: Path, weights: dict[str, list[tuple[str, np.ndarray]]],
-                    full_model: bool = False) -> None:
-    """Keras 2's `save_weights` HDF5 layout: root attrs `layer_names`, `backend`, `keras_version`;
-    one group per layer (weightless ones too) with attr `weight_names` and one dataset per weight
-    at `group/<weight name>`. `full_model` nests it under `model_weights`, as `model.save` did."""
-    with h5py.File(path, "w") as f:
-        root = f.create_group("model_weights") if full_model else f
-        if full_model:
-            f.attrs["keras_version"] = b"2.0.7"
-            f.attrs["backend"] = b"tensorflow"
-        root.attrs["layer_names"] = [name.encode("utf8") for name in LEGACY_LAYER_NAMES]
-        root.attrs["backend"] = b"tensorflow"
-        root.attrs["keras_version"] = b"2.0.7"
-        for layer in LEGACY_LAYER_NAMES:
-            group = root.create_group(layer)
-            entries = weights.get(layer, [])
-            group.attrs["weight_names"] = [name.encode("utf8") for name, _ in entries]
-            for name, value in entries:
-                group.create_dataset(name, data=value)
+def images_in(npz: Path) -> np.ndarray:
+    """The test images of a keras-layout `.npz` as the model takes them: `[n, 28, 28, 1]` in [0, 1]."""
+    with np.load(npz) as f:
+        return f["x_test"][..., None].astype("float32") / 255
 
 
-@pytest.mark.parametrize("full_model", [False, True], ids=["save_weights", "model_save"])
-def test_load_legacy_keras2_h5(tmp_path: Path, full_model: bool) -> None:
-    weights = legacy_weights(10, seed=11)
-    path = tmp_path / "trained_model.h5"
-    write_legacy_h5(path, weights, full_model=full_model)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["x.h5", "full.h5"], ids=["save_weights", "model_save"])
+def test_real_keras2_file_predicts_as_legacy_keras(keras2_files: Path, small_npz: Path, name: str) -> None:
+    """A file legacy Keras wrote (`save_weights` or `save`) loads by topology into this model, whose
+    capsule lengths and reconstructions then equal legacy Keras' own predictions on the same images,
+    at a scale where the encoder, routing and masking all show (capsules ~0.1-1 long)."""
+    want = np.load(keras2_files / "predictions.npz")
+    assert np.median(want["lengths"].max(axis=1)) > 0.1
     target, eval_model, _ = build(seed=12)
-    saving.load_weights(target, str(path))
-    want = {layer: [value for _, value in entries] for layer, entries in weights.items()}
-    assert_same_weights(layer_weights(target), want)
-    assert_same_weights(layer_weights(eval_model), want)
+    saving.load_weights(target, str(keras2_files / name))
+    lengths, recon = eval_model.predict(images_in(small_npz), batch_size=50, verbose=0)
+    np.testing.assert_allclose(lengths, want["lengths"], atol=1e-5)
+    np.testing.assert_allclose(recon, want["recon"], atol=1e-5)
 
 
-def test_legacy_h5_for_another_class_count_is_a_user_error(tmp_path: Path) -> None:
-    path = tmp_path / "five_classes.h5"
-    write_legacy_h5(path, legacy_weights(5, seed=13))
+@pytest.mark.slow
+def test_cli_tests_a_keras2_file_to_the_accuracy_legacy_keras_computed(keras2_files: Path,
+                                                                       tmp_path: Path) -> None:
+    """`capsulenet.py -t -w x.h5` prints the accuracy legacy Keras computed on the same test set (the
+    writer labelled it so that only the same predictions give 37%)."""
+    want = np.load(keras2_files / "predictions.npz")
+    result = run_script("capsulenet.py", "-t", "-w", str(keras2_files / "x.h5"),
+                        "--dataset", str(keras2_files / "relabelled.npz"), "--save_dir", str(tmp_path),
+                        "--digit", str(int(want["y_test"][0])))
+    assert result.returncode == 0, describe(result)
+    assert f"Test acc: {float(want['accuracy']):.4f}" in result.stdout.splitlines(), describe(result)
+    assert float(want["accuracy"]) == pytest.approx(0.37)
+
+
+@pytest.mark.slow
+def test_keras2_file_for_another_class_count_is_a_user_error(keras2_files: Path) -> None:
+    """A 5-class legacy file is refused in the README's words: the layer, the shape it needs, the shape
+    the file holds."""
     target, _, _ = build(seed=14)
-    with pytest.raises(UserError):
-        saving.load_weights(target, str(path))
+    with pytest.raises(UserError, match=re.escape("layer digitcaps needs weights of shape (10, 1152, 16, 8), "
+                                                  "the file holds (5, 1152, 16, 8)")):
+        saving.load_weights(target, str(keras2_files / "five.h5"))
 
 
 def test_weights_h5_for_another_class_count_is_a_user_error(tmp_path: Path) -> None:

@@ -1,12 +1,21 @@
-"""Failures are cheap and clear: resume, atomic writes, input checks, seeds, NaN stops, safe loading."""
+"""Failures are cheap and clear: resume after SIGKILL or SIGTERM, best checkpoints across a resume,
+atomic writes and a full disk, input checks, seeds, real non-finite losses, safe loading."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import re
+import resource
+import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
 import keras
@@ -314,10 +323,141 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(npz: Path, tmp_path: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Resume after SIGKILL, and repeatable runs
+# A real non-finite loss: --lr 1e30
+# ---------------------------------------------------------------------------------------------
+
+
+def good_files(save_dir: Path) -> dict[str, str]:
+    """Fills `save_dir` with the files of an earlier good run (final weights, a best checkpoint, a
+    log) and a weights file to pass with `-w`; returns `files_in(save_dir)`."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    _, eval_model, _ = capsulenet.CapsNet((28, 28, 1), 10, 1)
+    saving.save_weights(eval_model, save_dir / "trained_model.weights.h5")
+    for name in ("weights-01.weights.h5", "start.weights.h5"):
+        shutil.copyfile(save_dir / "trained_model.weights.h5", save_dir / name)
+    (save_dir / "log.csv").write_text("epoch,loss,val_capsnet_accuracy\n0,0.5,0.75\n")
+    return files_in(save_dir)
+
+
+def files_in(folder: Path) -> dict[str, str]:
+    """Every file under `folder`, by path relative to it, with the SHA-256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_overflowing_loss_stops_at_step_2_and_keeps_every_file(npz: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """`--lr 1e30`: Adam's first step moves every weight by about the learning rate, so the second
+    step's loss overflows (its first was computed before any update, hence finite). Exit 3, the line
+    names epoch 1 and step 2, and the earlier run's files and the `-w` file are byte-identical, with
+    nothing added (no checkpoint, no backup, no temporary file)."""
+    save_dir = tmp_path / "result"
+    before = good_files(save_dir)
+    code = capsulenet.main(["--lr", "1e30", "-w", str(save_dir / "start.weights.h5"), "--epochs", "2",
+                            "--batch_size", "20", "-r", "1", "--seed", "1", "--dataset", str(npz),
+                            "--save_dir", str(save_dir)])
+    err = capsys.readouterr().err
+    assert code == errors.EXIT_DIVERGED, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-2000:]
+    assert re.search(r"\bloss became (nan|inf|-inf) at epoch 1, step 2\b", lines[0]), lines[0]
+    assert files_in(save_dir) == before
+
+
+@pytest.mark.slow
+def test_non_finite_validation_loss_stops_with_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """One step per epoch (20 training images, batch 20) at `--lr 1e30`: the step's loss is computed
+    before the update and is finite; the validation after the update is not. Exit 3 with "validation
+    loss became", and no file of the earlier run changes (the log row of the bad epoch is not written)."""
+    data = make_npz(tmp_path / "twenty.npz", n_train=20, n_test=20)
+    save_dir = tmp_path / "result"
+    before = good_files(save_dir)
+    code = capsulenet.main(["--lr", "1e30", "--epochs", "2", "--batch_size", "20", "-r", "1", "--seed", "1",
+                            "--dataset", str(data), "--save_dir", str(save_dir)])
+    err = capsys.readouterr().err
+    assert code == errors.EXIT_DIVERGED, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-2000:]
+    assert re.search(r"\bvalidation loss became (nan|inf|-inf) at epoch 1\b", lines[0]), lines[0]
+    assert "step" not in lines[0]  # the training step itself was fine
+    assert files_in(save_dir) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk through the command line
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_filesystem(folder: Path, size_bytes: int) -> Iterator[bool]:
+    """Mounts a tmpfs of `size_bytes` on `folder` (root only); yields whether it was mounted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    size_kib = -(-size_bytes // 1024)
+    mount = shutil.which("mount")
+    mounted = mount is not None and subprocess.run(
+        [mount, "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(folder)],
+        capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    def limit_file_size() -> None:  # runs in the child, before exec
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills it instead of EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_file_size
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_line_exit_1_and_keeps_the_good_files(npz: Path, tmp_path: Path) -> None:
+    """The disk fills up while the first checkpoint is written: exit 1, one line `error: FILE: REASON`
+    naming a file of save_dir and the OS's reason, and the earlier run's checkpoint and final weights
+    byte-identical, no temporary file left.
+
+    A real full disk where the test may mount (root): save_dir is a tmpfs with room for the earlier
+    run's two weights files plus 8 MB, less than one more weights file (33 MB), so the write fails
+    with ENOSPC "No space left on device". Where mounting is not permitted, the child runs under
+    `RLIMIT_FSIZE` of 20 MB with SIGXFSZ ignored, so the same write fails with EFBIG "File too large".
+    """
+    save_dir = tmp_path / "result"
+    weights = tmp_path / "good.weights.h5"
+    _, eval_model, _ = capsulenet.CapsNet((28, 28, 1), 10, 1)
+    saving.save_weights(eval_model, weights)
+    size = weights.stat().st_size
+    with small_filesystem(save_dir, 2 * size + 8 * 2**20) as mounted:
+        for name in ("weights-01.weights.h5", "trained_model.weights.h5"):
+            shutil.copyfile(weights, save_dir / name)
+        before = files_in(save_dir)
+        preexec = None if mounted else _file_size_limit(20 * 2**20)
+        with (tmp_path / "out.txt").open("w") as out, (tmp_path / "err.txt").open("w") as err:
+            proc = start_script("capsulenet.py", "--epochs", "1", "--batch_size", "40", "-r", "1",
+                                "--seed", "1", "--dataset", str(npz), "--save_dir", str(save_dir),
+                                stdout=out, stderr=err, preexec_fn=preexec)
+            proc.wait(timeout=600)
+        stderr = (tmp_path / "err.txt").read_text()
+        after = files_in(save_dir)
+    reason = "No space left on device" if mounted else "File too large"
+    assert proc.returncode == errors.EXIT_OS_ERROR, f"exit {proc.returncode}\n{stderr[-3000:]}"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr[-3000:]
+    # The OS's reason, then possibly how much room there was and was needed.
+    assert re.fullmatch(rf"error: {re.escape(str(save_dir))}/\S+: {reason}( \(.*\))?", lines[0]), lines[0]
+    for name in ("weights-01.weights.h5", "trained_model.weights.h5"):
+        assert after[name] == before[name], name
+    assert not [name for name in after if name.startswith(".tmp")], list(after)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume after SIGKILL or SIGTERM, repeatable runs, best checkpoints
 # ---------------------------------------------------------------------------------------------
 
 TRAIN_FLAGS = ["--epochs", "3", "--batch_size", "30", "--seed", "5", "-r", "1"]
+BEST = re.compile(r"weights-(\d\d)\.weights\.h5")
 
 
 def _weights(path: Path) -> dict[str, np.ndarray]:
@@ -328,26 +468,43 @@ def _weights(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _killed_mid_epoch(args: list[str], save_dir: Path, after_epochs: int) -> None:
+def _stopped_mid_epoch(args: list[str], save_dir: Path, after_epochs: int, sig: signal.Signals,
+                       output: Path) -> int:
     """Starts training, waits until `after_epochs` epochs are backed up and the next has begun, then
-    SIGKILLs it."""
+    sends `sig`; returns the exit code (stdout and stderr go to `output`.out/.err)."""
     state = save_dir / "backup" / "state.json"
-    proc = start_script("capsulenet.py", *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with output.with_suffix(".out").open("w") as out, output.with_suffix(".err").open("w") as err:
+        proc = start_script("capsulenet.py", *args, stdout=out, stderr=err)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             if state.exists() and f'"epoch": {after_epochs}' in state.read_text():
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "training ended before it could be killed"
+        assert proc.poll() is None, "training ended before it could be stopped"
         time.sleep(0.5)  # inside the next epoch, which takes seconds (10 steps and a validation)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    return proc.returncode
+
+
+def expected_checkpoints(log: pd.DataFrame) -> set[str]:
+    """The checkpoint names a log calls for: the epochs whose val_capsnet_accuracy beat every earlier
+    epoch's (the first always does)."""
+    best, names = -np.inf, set()
+    for epoch, accuracy in zip(log["epoch"], log["val_capsnet_accuracy"], strict=True):
+        if accuracy > best:
+            best = accuracy
+            names.add(f"weights-{epoch + 1:02d}.weights.h5")
+    return names
+
+
+def checkpoints_in(save_dir: Path) -> set[str]:
+    return {p.name for p in save_dir.iterdir() if BEST.fullmatch(p.name)}
 
 
 @pytest.fixture(scope="module")
@@ -356,13 +513,22 @@ def npz_300(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_npz(tmp_path_factory.mktemp("data") / "300.npz", n_train=300)
 
 
+@pytest.fixture(scope="module")
+def straight(npz_300: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The save_dir of one uninterrupted run with TRAIN_FLAGS: what every resumed run must match."""
+    save_dir = tmp_path_factory.mktemp("straight") / "result"
+    done = cli(*TRAIN_FLAGS, "--dataset", str(npz_300), "--save_dir", str(save_dir))
+    assert done.returncode == 0, describe(done)
+    return save_dir
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(npz_300: Path, tmp_path: Path) -> None:
+def test_sigkill_then_resume_matches_an_uninterrupted_run(npz_300: Path, straight: Path, tmp_path: Path
+                                                          ) -> None:
     npz = npz_300
-    straight, again, resumed = tmp_path / "straight", tmp_path / "again", tmp_path / "resumed"
-    for save_dir in (straight, again):
-        done = cli(*TRAIN_FLAGS, "--dataset", str(npz), "--save_dir", str(save_dir))
-        assert done.returncode == 0, done.stderr[-2000:]
+    again, resumed = tmp_path / "again", tmp_path / "resumed"
+    done = cli(*TRAIN_FLAGS, "--dataset", str(npz), "--save_dir", str(again))
+    assert done.returncode == 0, done.stderr[-2000:]
 
     # Same seed, same machine: the same log (to float tolerance).
     log_a, log_b = pd.read_csv(straight / "log.csv"), pd.read_csv(again / "log.csv")
@@ -370,7 +536,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(npz_300: Path, tmp_pat
     np.testing.assert_allclose(log_a.to_numpy(), log_b.to_numpy(), rtol=1e-4, atol=1e-6)
 
     args = [*TRAIN_FLAGS, "--dataset", str(npz), "--save_dir", str(resumed)]
-    _killed_mid_epoch(args, resumed, after_epochs=1)
+    code = _stopped_mid_epoch(args, resumed, after_epochs=1, sig=signal.SIGKILL, output=tmp_path / "killed")
+    assert code == -signal.SIGKILL
     assert pd.read_csv(resumed / "log.csv")["epoch"].tolist() == [0]
     done = cli(*args)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -385,17 +552,81 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(npz_300: Path, tmp_pat
     for name in final_a:
         np.testing.assert_allclose(final_r[name], final_a[name], rtol=1e-3, atol=1e-5, err_msg=name)
     assert not (resumed / "backup").exists()  # a finished run leaves no backup behind
+    assert checkpoints_in(resumed) == expected_checkpoints(log_r)
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(npz_300: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A run stopped by SIGTERM during its second epoch, then rerun with the same command.
+
+    Between the two, the backup's best score is read (to check it against the log) and then raised
+    to 1.0, a score no epoch can beat (a checkpoint needs a strictly higher one): the rerun must keep
+    the best of the backup, so it writes no checkpoint at all."""
+    folder = tmp_path_factory.mktemp("sigterm")
+    save_dir = folder / "result"
+    args = [*TRAIN_FLAGS, "--dataset", str(npz_300), "--save_dir", str(save_dir)]
+    code = _stopped_mid_epoch(args, save_dir, after_epochs=1, sig=signal.SIGTERM, output=folder / "stopped")
+    state_path = save_dir / "backup" / "state.json"
+    state = json.loads(state_path.read_text())
+    run = {"save_dir": save_dir, "code": code, "stderr": (folder / "stopped.err").read_text(),
+           "log_after_stop": pd.read_csv(save_dir / "log.csv"), "backed_up_best": state["best"],
+           "checkpoints_after_stop": checkpoints_in(save_dir), "backed_up_epoch": state["epoch"]}
+    state["best"] = 1.0
+    state_path.write_text(json.dumps(state))
+    run["rerun"] = cli(*args)
+    return run
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_exits_130_and_the_same_command_resumes(sigterm_run: dict[str, Any],
+                                                                  straight: Path) -> None:
+    """SIGTERM ends like Ctrl-C: exit 130 and the message to rerun; rerunning the same command resumes
+    after the backed-up epoch and ends with the uninterrupted run's log."""
+    assert sigterm_run["code"] == errors.EXIT_INTERRUPTED, sigterm_run["stderr"][-3000:]
+    assert "interrupted: rerun the same command to resume" in sigterm_run["stderr"]
+    assert "Traceback" not in sigterm_run["stderr"]
+    completed = sigterm_run["backed_up_epoch"]
+    assert completed == 1  # stopped inside the second epoch
+    assert sigterm_run["log_after_stop"]["epoch"].tolist() == [0]
+    rerun = sigterm_run["rerun"]
+    assert rerun.returncode == 0, describe(rerun)
+    assert f"Resuming after epoch {completed}" in rerun.stdout
+    log, want = pd.read_csv(sigterm_run["save_dir"] / "log.csv"), pd.read_csv(straight / "log.csv")
+    assert list(log.columns) == list(want.columns)
+    assert log["epoch"].tolist() == [0, 1, 2]
+    np.testing.assert_allclose(log.to_numpy(), want.to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_checkpoints_only_for_epochs_that_improve(straight: Path) -> None:
+    """`weights-NN.weights.h5` exists exactly for the epochs whose val_capsnet_accuracy beat every
+    earlier epoch's, as read from the run's own log.csv."""
+    log = pd.read_csv(straight / "log.csv")
+    assert checkpoints_in(straight) == expected_checkpoints(log)
+
+
+@pytest.mark.slow
+def test_the_best_score_survives_a_resume(sigterm_run: dict[str, Any]) -> None:
+    """Before the stop: the first epoch's checkpoint, and a backup whose best score is that epoch's
+    val_capsnet_accuracy from log.csv. After the rerun (best raised to 1.0 in the backup, see
+    `sigterm_run`): no new checkpoint, although the resumed epochs' accuracies beat the first
+    epoch's or at least -inf, which a run that forgot the backed-up score would compare against."""
+    log = sigterm_run["log_after_stop"]
+    assert sigterm_run["checkpoints_after_stop"] == {"weights-01.weights.h5"}
+    assert sigterm_run["backed_up_best"] == pytest.approx(log["val_capsnet_accuracy"].max(), abs=1e-12)
+    assert sigterm_run["rerun"].returncode == 0, describe(sigterm_run["rerun"])
+    assert checkpoints_in(sigterm_run["save_dir"]) == {"weights-01.weights.h5"}
 
 
 @pytest.mark.slow
 def test_resume_with_other_flags_is_refused(npz_300: Path, tmp_path: Path) -> None:
-    npz = npz_300
-    args = [*TRAIN_FLAGS, "--dataset", str(npz), "--save_dir", str(tmp_path)]
-    _killed_mid_epoch(args, tmp_path, after_epochs=1)
+    save_dir = tmp_path / "result"
+    args = [*TRAIN_FLAGS, "--dataset", str(npz_300), "--save_dir", str(save_dir)]
+    _stopped_mid_epoch(args, save_dir, after_epochs=1, sig=signal.SIGKILL, output=tmp_path / "killed")
     done = cli(*[a if a != "30" else "20" for a in args])
     assert done.returncode == 2
     assert "--batch_size was 30, now 20" in done.stderr
-    assert (tmp_path / "backup" / "state.json").exists()
+    assert (save_dir / "backup" / "state.json").exists()
 
 
 def test_backup_keeps_two_epochs_and_rolls_back(tmp_path: Path) -> None:

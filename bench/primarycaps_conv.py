@@ -1,0 +1,251 @@
+"""The PrimaryCaps convolution (9x9, stride 2, 256 -> 256 channels on `[batch, 20, 20, 256]`, ~94% of a
+training step's FLOPs): `keras.layers.Conv2D` against `capsulelayers.im2col_conv2d`, against the GEMM
+floor, and the whole training step with either, on the TensorFlow backend.
+
+Every comparison is interleaved in one process (A, B, C, A, B, C, ...; medians), so that a machine
+shared with other work slows every variant alike: on a busy machine the absolute times mean little,
+the ratios much more.
+
+- forward + backward (input, kernel and bias gradients) of the layer, `implementation="conv"` (the
+  parent's `ops.conv`) and `"im2col"`, float32, and bfloat16 with `--mixed_precision`;
+- the GEMM floor: the three matrix products of the same shapes (`patches @ W`, `patches^T @ dY`,
+  `dY @ W^T`) through `tf.matmul`, one after the other, each result checked against NumPy on a
+  sample of rows;
+- conv1 (9x9, stride 1, 1 -> 256 channels on the 28x28 image; kernel and bias gradients only, as in
+  training) both ways, to show whether im2col pays there too;
+- one training step of the product's train model (`backends.TensorFlowSteps`, Adam, random data) with
+  the PrimaryCaps convolution each way (and in bfloat16 with `--mixed_precision`).
+
+Usage::
+
+    python bench/primarycaps_conv.py                      # batch 100, 5 rounds
+    python bench/primarycaps_conv.py --batch_size 100 --rounds 7 --mixed_precision
+    python bench/primarycaps_conv.py --no_step            # the convolutions only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+ROWS, CHANNELS, KERNEL, STRIDE, FILTERS = 20, 256, 9, 2, 256  # PrimaryCaps on conv1's output
+OUT = (ROWS - KERNEL) // STRIDE + 1  # 6
+TAPS = KERNEL * KERNEL * CHANNELS  # 20736
+
+
+def primarycaps_flops(batch: int) -> int:
+    """FLOPs of the PrimaryCaps convolution's forward + both gradients: three GEMMs of
+    `2 * (batch * 36) * 20736 * 256`."""
+    return 3 * 2 * batch * OUT * OUT * TAPS * FILTERS
+
+
+def conv1_flops(batch: int) -> int:
+    """FLOPs of conv1's forward + kernel gradient: two GEMMs of `2 * (batch * 400) * 81 * 256`."""
+    return 2 * 2 * batch * 20 * 20 * KERNEL * KERNEL * 1 * 256
+
+
+def interleave(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of every function, one call each per round, the order rotating round after round."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report(times: dict[str, list[float]], flops: dict[str, int], reference: str) -> None:
+    """One line per variant: median and quartiles, GFLOP/s, and its ratio to `reference`."""
+    base = statistics.median(times[reference])
+    for name, values in times.items():
+        median = statistics.median(values)
+        rate = f"{flops[name] / median / 1e9:7.1f} GFLOP/s" if name in flops else " " * 15
+        print(f"  {name:28s} {median * 1e3:8.1f} ms (min {min(values) * 1e3:7.1f}, max "
+              f"{max(values) * 1e3:7.1f}) {rate}  {median / base:5.2f}x {reference}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The convolution alone
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_step(layer: Any, x: Any, upstream: Any, input_grad: bool) -> Callable[[], Any]:
+    """A `tf.function` of forward + backward of `layer` on `x` (gradients of `sum(layer(x) *
+    upstream)` for the kernel, the bias and, with `input_grad`, the input), returning the loss and the
+    gradients' sums. The loss must be returned: no gradient needs the forward product, which TensorFlow
+    would otherwise prune (and time the backward pass alone)."""
+    import tensorflow as tf
+
+    @tf.function
+    def step() -> Any:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.cast(layer(x), "float32") * upstream)
+        grads = tape.gradient(loss, [*layer.trainable_variables] + ([x] if input_grad else []))
+        return [loss] + [tf.reduce_sum(tf.cast(g, "float32")) for g in grads]
+
+    return lambda: [v.numpy() for v in step()]
+
+
+def gemm_floor(batch: int, rng: np.random.Generator) -> Callable[[], Any]:
+    """The three GEMMs of the PrimaryCaps convolution's shapes through `tf.matmul`, after checking
+    each against NumPy (float64) on 16 sampled rows: a product that skipped work cannot be the floor."""
+    import tensorflow as tf
+
+    patches = rng.standard_normal((batch * OUT * OUT, TAPS), dtype=np.float32)
+    weights = rng.standard_normal((TAPS, FILTERS), dtype=np.float32)
+    upstream = rng.standard_normal((batch * OUT * OUT, FILTERS), dtype=np.float32)
+    p, w, d = (tf.constant(a) for a in (patches, weights, upstream))
+
+    @tf.function
+    def products() -> Any:
+        # One after the other, as a sum of three GEMM times: run side by side, three products share
+        # the same cores and measured slower here.
+        forward = tf.matmul(p, w)
+        with tf.control_dependencies([forward]):
+            kernel_grad = tf.matmul(p, d, transpose_a=True)
+        with tf.control_dependencies([kernel_grad]):
+            patches_grad = tf.matmul(d, w, transpose_b=True)
+        return forward, kernel_grad, patches_grad
+
+    @tf.function
+    def timed_products() -> Any:  # the products' first elements: no 300 MB copies back to NumPy
+        return [r[0, 0] for r in products()]
+
+    forward, kernel_grad, patches_grad = (r.numpy() for r in products())
+    rows = np.random.default_rng(1).choice(len(patches), 16, replace=False)
+    taps = np.random.default_rng(2).choice(TAPS, 16, replace=False)
+    checks = (
+        (forward[rows], patches[rows].astype(np.float64) @ weights),
+        (kernel_grad[taps], patches[:, taps].T.astype(np.float64) @ upstream),
+        (patches_grad[rows], upstream[rows].astype(np.float64) @ weights.T),
+    )
+    for got, want in checks:
+        error = np.max(np.abs(got - want)) / np.max(np.abs(want))
+        if not error < 1e-4:
+            raise RuntimeError(f"tf.matmul differs from NumPy by {error:.2e} (relative)")
+    return lambda: [r.numpy() for r in timed_products()]
+
+
+def convolutions(batch: int, rounds: int, mixed_precision: bool) -> None:
+    import keras
+    import tensorflow as tf
+
+    from capsulelayers import Conv2D
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((batch, ROWS, ROWS, CHANNELS), dtype=np.float32))
+    upstream = tf.constant(rng.standard_normal((batch, OUT, OUT, FILTERS), dtype=np.float32))
+    image = tf.constant(rng.random((batch, 28, 28, 1), dtype=np.float32))
+    upstream1 = tf.constant(rng.standard_normal((batch, 20, 20, 256), dtype=np.float32))
+    fns: dict[str, Callable[[], Any]] = {}
+    flops: dict[str, int] = {}
+    for dtype in ("float32", "mixed_bfloat16") if mixed_precision else ("float32",):
+        for implementation in ("conv", "im2col"):
+            layer = Conv2D(FILTERS, KERNEL, strides=STRIDE, implementation=implementation, dtype=dtype)
+            layer.build(x.shape)
+            name = f"primarycaps {implementation} {dtype.removeprefix('mixed_')}"
+            fns[name] = layer_step(layer, x, upstream, input_grad=True)
+            flops[name] = primarycaps_flops(batch)
+    fns["GEMM floor float32"] = gemm_floor(batch, rng)
+    flops["GEMM floor float32"] = primarycaps_flops(batch)
+    for implementation in ("conv", "im2col"):
+        layer = Conv2D(256, KERNEL, activation="relu", implementation=implementation, dtype="float32")
+        layer.build(image.shape)
+        fns[f"conv1 {implementation} float32"] = layer_step(layer, image, upstream1, input_grad=False)
+        flops[f"conv1 {implementation} float32"] = conv1_flops(batch)
+    keras.mixed_precision.set_global_policy("float32")
+    for fn in fns.values():  # trace and warm up
+        fn()
+    times = interleave(fns, rounds)
+    print(f"Convolutions, forward + backward, batch {batch}, {rounds} interleaved rounds:")
+    primary = {k: v for k, v in times.items() if not k.startswith("conv1")}
+    report(primary, flops, reference="GEMM floor float32")
+    report({k: v for k, v in times.items() if k.startswith("conv1")}, flops,
+           reference="conv1 conv float32")
+    ratio = statistics.median(times["primarycaps conv float32"]) / statistics.median(
+        times["primarycaps im2col float32"])
+    print(f"  im2col is {ratio:.2f}x faster than Conv2D (float32)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The training step
+# ---------------------------------------------------------------------------------------------
+
+
+def training_steps(batch: int, rounds: int, mixed_precision: bool) -> None:
+    import keras
+
+    import backends
+    import capsulenet
+    import training
+
+    rng = np.random.default_rng(0)
+    x = (rng.random((batch, 28, 28, 1), dtype=np.float32) * (rng.random((batch, 28, 28, 1)) < 0.2)
+         ).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[np.arange(batch) % 10]
+    fns: dict[str, Callable[[], Any]] = {}
+    weights = None
+    for policy in ("float32", "mixed_bfloat16") if mixed_precision else ("float32",):
+        keras.mixed_precision.set_global_policy(policy)
+        for implementation in ("conv", "im2col"):
+            keras.utils.set_random_seed(0)
+            train_model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, routings=3)
+            # Read when the step is traced: the same model with the other convolution.
+            train_model.get_layer("primarycap_conv2d").implementation = implementation
+            weights = weights or train_model.get_weights()
+            train_model.set_weights(weights)
+            optimizer = training.make_optimizer(0.001, 0.9, steps_per_epoch=600)
+            steps = backends.TensorFlowSteps(train_model, optimizer, lam_recon=0.392, batch_size=batch)
+            steps.build_optimizer()
+            fns[f"step {implementation} {policy.removeprefix('mixed_')}"] = (
+                lambda steps=steps: steps.train(x, y))
+    keras.mixed_precision.set_global_policy("float32")
+    for fn in fns.values():  # trace and warm up
+        fn()
+    times = interleave(fns, rounds)
+    print(f"Training step (train model, TensorFlowSteps, Adam), batch {batch}, {rounds} interleaved "
+          "rounds:")
+    report(times, {}, reference="step conv float32")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians over them)")
+    parser.add_argument("--mixed_precision", action="store_true", help="bfloat16 variants too")
+    parser.add_argument("--no_step", action="store_true", help="skip the training steps")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        print(f"this benchmark needs the TensorFlow backend, not {keras.backend.backend()}")
+        return 2
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start (a busy machine "
+          "slows every variant: compare the ratios)")
+    convolutions(args.batch_size, args.rounds, args.mixed_precision)
+    if not args.no_step:
+        training_steps(args.batch_size, args.rounds, args.mixed_precision)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

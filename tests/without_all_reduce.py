@@ -1,0 +1,24 @@
+"""Runs a script as `python SCRIPT ARGS` would, with the gradient all-reduce of Keras' TensorFlow
+optimizer turned into the identity: each replica then applies the gradient of its own slice of the
+batch only. The control of tests/test_multi_gpu.py, whose log must differ from a one-device run's.
+
+Usage: python tests/without_all_reduce.py capsulenet-multi-gpu.py --cpu --gpus 2 ...
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    from keras.src.backend.tensorflow import optimizer as tf_optimizer
+
+    def no_all_reduce(self: object, grads_and_vars: list) -> list:
+        return grads_and_vars
+
+    tf_optimizer.TFOptimizer._all_reduce_sum_gradients = no_all_reduce
+    script = Path(sys.argv[1]).resolve()
+    sys.argv = sys.argv[1:]
+    sys.path.insert(0, str(script.parent))  # as `python SCRIPT` puts the script's folder first
+    runpy.run_path(str(script), run_name="__main__")
