@@ -553,9 +553,10 @@ def warn_if_slow_backend() -> None:
     import jax
 
     if jax.default_backend() == "cpu":
-        print("Warning: JAX is running on the CPU, where XLA's convolution backward was measured at "
-              "15-23 s per training step (batch 100, 2 cores); TensorFlow, the default backend, is "
-              "much faster on CPUs (unset KERAS_BACKEND). JAX is this project's GPU backend.")
+        print("Warning: JAX is running on the CPU, where it trains slower than TensorFlow (measured: an "
+              "epoch of 2,000 MNIST images took 38 s on JAX, 21 s on TensorFlow, 2 cores); TensorFlow, "
+              "the default backend, is the CPU backend (unset KERAS_BACKEND). JAX is this project's GPU "
+              "backend.")
 
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None,

@@ -31,7 +31,6 @@ import argparse
 import csv
 import datetime
 import json
-import logging
 import os
 import shutil
 import sys
@@ -169,9 +168,6 @@ def make_gallery(args: argparse.Namespace) -> dict[str, Any]:
     written.append("real_and_recon.png")
     # One generator for all the grids, so the whole gallery depends on --seed alone.
     rng = np.random.default_rng(args.seed)
-    # Each grid builds its own encoder (capsulenet.manipulate_latent), so TensorFlow traces one predict
-    # function per class and warns about "retracing": expected here, and harmless for 10 grids.
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     for digit in range(n_class):
         capsulenet.manipulate_latent(manipulate_model, test_data, digit, out, rng)
         written.append(f"manipulate-{digit}.png")
