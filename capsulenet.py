@@ -325,7 +325,8 @@ def build_parser(description: str = "Capsule Network on MNIST.", batch_size: int
                         help="The path of the saved weights (.weights.h5, .keras or legacy .h5). "
                              "Should be specified when testing")
     parser.add_argument("--dataset", default="mnist",
-                        help="mnist, fashion_mnist, a folder of the 4 MNIST-format IDX .gz files, "
+                        help="mnist, fashion_mnist, cifar10, a folder of images (train/<class>/, "
+                             "optionally test/<class>/), a folder of the 4 MNIST-format IDX .gz files, "
                              "or an .npz with x_train, y_train, x_test, y_test")
     parser.add_argument("--seed", default=None, type=int,
                         help="Seed Python, NumPy, Keras and the augmentation for a repeatable run "
