@@ -100,6 +100,17 @@ def synthetic_raw(n_train: int, n_test: int, n_class: int = 10, seed: int = 0, s
     return make(n_train), make(n_test)
 
 
+def weights_in(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset of a weights file (`.weights.h5` or legacy `.h5`), by its HDF5 path."""
+    import h5py
+
+    arrays: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
 def save_npz(path: Path, raw: RawData, **overrides: np.ndarray) -> Path:
     """Writes `raw` as an `.npz` in the `keras.datasets` layout; `overrides` replace arrays by name."""
     (x_train, y_train), (x_test, y_test) = raw

@@ -17,12 +17,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import h5py
 import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import describe, run_script, save_npz, start_script, synthetic_raw
+from conftest import describe, run_script, save_npz, start_script, synthetic_raw, weights_in
 
 import capsulenet
 import errors
@@ -460,14 +459,6 @@ TRAIN_FLAGS = ["--epochs", "3", "--batch_size", "30", "--seed", "5", "-r", "1"]
 BEST = re.compile(r"weights-(\d\d)\.weights\.h5")
 
 
-def _weights(path: Path) -> dict[str, np.ndarray]:
-    arrays: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
-                     if isinstance(obj, h5py.Dataset) else None)
-    return arrays
-
-
 def _stopped_mid_epoch(args: list[str], save_dir: Path, after_epochs: int, sig: signal.Signals,
                        output: Path) -> int:
     """Starts training, waits until `after_epochs` epochs are backed up and the next has begun, then
@@ -546,7 +537,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(npz_300: Path, straigh
     log_r = pd.read_csv(resumed / "log.csv")
     assert log_r["epoch"].tolist() == [0, 1, 2]
     np.testing.assert_allclose(log_r.to_numpy(), log_a.to_numpy(), rtol=1e-4, atol=1e-6)
-    final_a, final_r = _weights(straight / "trained_model.weights.h5"), _weights(
+    final_a, final_r = weights_in(straight / "trained_model.weights.h5"), weights_in(
         resumed / "trained_model.weights.h5")
     assert final_a.keys() == final_r.keys()
     for name in final_a:

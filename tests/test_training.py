@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import save_npz, synthetic_raw
+from conftest import save_npz, synthetic_raw, weights_in
 from scipy import ndimage
 
 import capsulenet
@@ -42,15 +41,6 @@ class Run:
     save_dir: Path
     log: pd.DataFrame
     batch_calls: list[dict]
-
-
-def weights_in(path: Path) -> dict[str, np.ndarray]:
-    """Every dataset of a weights file, by its HDF5 path."""
-    arrays: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
-                     if isinstance(obj, h5py.Dataset) else None)
-    return arrays
 
 
 def fresh_layer_weights(seed: int, layer: str) -> list[np.ndarray]:
