@@ -153,14 +153,90 @@ def _first_longest(lengths: Any) -> Any:
     return ops.equal(positions, first)
 
 
+def squash_gradient(vectors: Any, upstream: Any) -> Any:
+    """The gradient of `sum(squash(vectors) * upstream)` with respect to `vectors` (last axis).
+
+    With `n2 = |s|^2` and `squash(s) = f(n2) s`, `f = n2 / ((1 + n2) sqrt(n2 + eps))`:
+    `ds = f dv + 2 f'(n2) (s . dv) s`, `f' = 1 / ((1 + n2)^2 sqrt(n2 + eps)) - f / (2 (n2 + eps))`.
+    """
+    squared = ops.sum(ops.square(vectors), axis=-1, keepdims=True)
+    root = ops.sqrt(squared + SQUASH_EPSILON)
+    scale = squared / (1 + squared) / root
+    slope = 1 / (ops.square(1 + squared) * root) - scale / (2 * (squared + SQUASH_EPSILON))
+    return scale * upstream + 2 * slope * ops.sum(vectors * upstream, axis=-1, keepdims=True) * vectors
+
+
+def dynamic_routing(inputs_hat: Any, routings: int) -> Any:
+    """Routing by agreement (the paper's Procedure 1) with a hand-written gradient.
+
+    `b = 0`; `routings` times: `c = softmax(b)` over the output capsules `j`, `v_j = squash(sum_i
+    c_ij u_hat_j|i)`, and except after the last, `b_ij += u_hat_j|i . v_j`. Gradients flow through
+    every iteration, as in the original.
+
+    Why by hand: every use of `u_hat` (`[batch, 10, 1152, 16]`, 74 MB at batch 100 in float32) is a
+    batched matrix-vector product, and automatic differentiation gives each of the `2 * routings - 1`
+    uses its own outer product of `u_hat`'s size plus a sum of them all, where the gradient of `u_hat`
+    is one batched product `[1152, k] @ [k, 16]` of the stacked factors (`k = 2 * routings - 1`).
+    Measured 2.4x faster forward + backward on TensorFlow's CPU (`bench/digitcaps.py`); the tests
+    check it against finite differences of the NumPy equations.
+
+    Args:
+        inputs_hat: the prediction vectors `[batch, num_capsule, input_num_capsule, dim_capsule]`,
+            e.g. `[batch, 10, 1152, 16]`.
+        routings: iterations, at least 1.
+
+    Returns:
+        `[batch, num_capsule, dim_capsule]`, e.g. `[batch, 10, 16]`.
+    """
+
+    @ops.custom_gradient
+    def route(inputs_hat: Any) -> tuple[Any, Any]:
+        logits = ops.zeros_like(inputs_hat[..., 0])  # [batch, 10, 1152], carrying the batch size
+        coupling, sums, outputs = [], [], []
+        for iteration in range(routings):
+            # softmax of the first (zero) logits: 1 / num_capsule everywhere
+            coupling.append(ops.softmax(logits, axis=1) if iteration else
+                            logits + 1 / inputs_hat.shape[1])
+            sums.append(ops.einsum("bji,bjio->bjo", coupling[-1], inputs_hat))
+            outputs.append(squash(sums[-1]))
+            if iteration < routings - 1:
+                logits = logits + ops.einsum("bjio,bjo->bji", inputs_hat, outputs[-1])
+
+        def grad(*args: Any, upstream: Any = None) -> Any:
+            outputs_grad = args[0] if upstream is None else upstream
+            logits_grad = None  # of the logits after this iteration's update
+            factors, vectors = [], []  # inputs_hat's gradient: sum_k factors[k] (x) vectors[k]
+            for iteration in reversed(range(routings)):
+                if logits_grad is not None:
+                    outputs_grad = ops.einsum("bji,bjio->bjo", logits_grad, inputs_hat)
+                    factors.append(logits_grad)
+                    vectors.append(outputs[iteration])
+                sums_grad = squash_gradient(sums[iteration], outputs_grad)
+                factors.append(coupling[iteration])
+                vectors.append(sums_grad)
+                if iteration > 0:  # the first logits are constant zeros: no gradient needed
+                    c = coupling[iteration]
+                    coupling_grad = ops.einsum("bjio,bjo->bji", inputs_hat, sums_grad)
+                    softmax_grad = c * (coupling_grad - ops.sum(c * coupling_grad, axis=1, keepdims=True))
+                    logits_grad = softmax_grad if logits_grad is None else logits_grad + softmax_grad
+            # Stacked as [batch, 10, k, 1152]: contiguous copies, where a last axis of k is a strided
+            # scatter (3x slower here); the batched product reads it transposed.
+            return ops.einsum("bjki,bjko->bjio", ops.stack(factors, axis=2), ops.stack(vectors, axis=2))
+
+        return outputs[-1], grad
+
+    return route(inputs_hat)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class CapsuleLayer(keras.layers.Layer):
     """Fully connected capsule layer with routing-by-agreement (the paper's Procedure 1).
 
-    The prediction vectors `u_hat[j|i] = W_ij u_i` are computed for the whole batch in one
-    `einsum` (no per-sample loop), and the routing logits start as zeros shaped from the input, so
-    the batch size stays dynamic. There is no bias, the coupling coefficients are a softmax over the
-    output capsules, and gradients flow through every routing iteration, as in the original.
+    The prediction vectors `u_hat[j|i] = W_ij u_i` are computed for the whole batch in one batched
+    matrix product (no per-sample loop), and the routing (`dynamic_routing`, with its own gradient)
+    starts from logits of zeros shaped from the input, so the batch size stays dynamic. There is no
+    bias, the coupling coefficients are a softmax over the output capsules, and gradients flow through
+    every routing iteration, as in the original.
 
     Args:
         num_capsule: number of output capsules (10 for MNIST).
@@ -210,19 +286,21 @@ class CapsuleLayer(keras.layers.Layer):
         )
 
     def predictions(self, inputs: Any) -> Any:
-        """`u_hat[b, j, i, :] = W[j, i] @ u[b, i]`: `[batch, 1152, 8]` -> `[batch, 10, 1152, 16]`."""
-        return ops.einsum("jiod,bid->bjio", self.W, inputs)
+        """`u_hat[b, j, i, :] = W[j, i] @ u[b, i]`: `[batch, 1152, 8]` -> `[batch, 10, 1152, 16]`.
+
+        One batched matrix product over the input capsules (`[batch, 8] @ [8, 10 * 16]` for each of
+        the 1152), then one transpose into the routing's layout: 2.3x faster forward + backward than
+        the same `einsum`, which TensorFlow's CPU kernel runs as several transposes of the 74 MB
+        result (batch 100; `bench/digitcaps.py`).
+        """
+        weights = ops.transpose(self.W, (1, 3, 0, 2))  # [1152, 8, 10, 16]
+        weights = ops.reshape(weights, (self.input_num_capsule, self.input_dim_capsule, -1))
+        u_hat = ops.matmul(ops.transpose(inputs, (1, 0, 2)), weights)  # [1152, batch, 160]
+        u_hat = ops.reshape(u_hat, (self.input_num_capsule, -1, self.num_capsule, self.dim_capsule))
+        return ops.transpose(u_hat, (1, 2, 0, 3))
 
     def call(self, inputs: Any) -> Any:
-        inputs_hat = self.predictions(inputs)
-        # Routing logits b: [batch, num_capsule, input_num_capsule], zeros carrying the batch size.
-        logits = ops.zeros_like(inputs_hat[..., 0])
-        for iteration in range(self.routings):
-            coupling = ops.softmax(logits, axis=1)
-            outputs = squash(ops.einsum("bji,bjio->bjo", coupling, inputs_hat))
-            if iteration < self.routings - 1:
-                logits = logits + ops.einsum("bjo,bjio->bji", outputs, inputs_hat)
-        return outputs
+        return dynamic_routing(self.predictions(inputs), self.routings)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (input_shape[0], self.num_capsule, self.dim_capsule)

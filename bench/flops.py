@@ -114,6 +114,14 @@ def _conv_backprop_flops(op: Any) -> int:
     return 2 * math.prod(out_backprop) * math.prod(filter_shape[:3])
 
 
+def _batch_matmul_flops(op: Any) -> int:
+    """2 x output elements x the contracted size, which `adj_x` moves to the first operand's
+    second-to-last axis (TensorFlow's registered count reads its last axis whatever `adj_x` says)."""
+    x_shape = op.inputs[0].shape.as_list()
+    contracted = x_shape[-2] if op.get_attr("adj_x") else x_shape[-1]
+    return 2 * math.prod(op.outputs[0].shape.as_list()) * int(contracted)
+
+
 def _live_ops(graph: Any) -> set[str]:
     """Names of the ops that a function's outputs or side effects depend on (dead code is pruned
     by TensorFlow before running, e.g. the gradient w.r.t. the input image)."""
@@ -131,9 +139,9 @@ def _live_ops(graph: Any) -> set[str]:
 def graph_flops(concrete_function: Any) -> dict[str, int]:
     """FLOPs of the live matmul-like ops of a traced TensorFlow function, by op type.
 
-    `Conv2D` and `MatMul`/`BatchMatMul` use TensorFlow's own registered counts; `Einsum` (which has
-    none) is counted from its equation; the conv gradients from their operand shapes (TensorFlow's
-    registered count for them ignores the stride).
+    `Conv2D` and `MatMul` use TensorFlow's own registered counts; `BatchMatMul` (whose registered count
+    ignores `adj_x`) and `Einsum` (which has none) from their shapes and equation; the conv gradients
+    from their operand shapes (TensorFlow's registered count for them ignores the stride).
 
     Raises:
         ValueError: the graph holds a loop (`map_fn`), whose trip count a static count cannot know.
@@ -153,7 +161,9 @@ def graph_flops(concrete_function: Any) -> dict[str, int]:
             flops = _einsum_flops(op)
         elif op.type in ("Conv2DBackpropInput", "Conv2DBackpropFilter"):
             flops = _conv_backprop_flops(op)
-        elif op.type in ("Conv2D", "MatMul", "BatchMatMulV2", "BatchMatMulV3"):
+        elif op.type in ("BatchMatMulV2", "BatchMatMulV3"):
+            flops = _batch_matmul_flops(op)
+        elif op.type in ("Conv2D", "MatMul"):
             with deprecation.silence():  # the registered counters use a TF1 shape helper
                 flops = int(tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value)
         else:

@@ -221,6 +221,77 @@ def test_gradient_flows_through_every_routing_iteration() -> None:
     assert np.abs(numeric_gradient(stopped, w) - expected).max() > 1e-2
 
 
+def layer_gradients_problem(routings: int) -> dict[str, np.ndarray]:
+    """Small W, u and output weights k whose objective `sum(v * k)` reaches every component of the
+    output capsules (a length would only reach their direction)."""
+    rng = np.random.default_rng(30 + routings)
+    return {"w": rng.normal(size=(3, 4, 3, 2)).astype("float32").astype("float64"),
+            "u": random_capsules(rng, (2, 4, 2), scale=2.0).astype("float64"),
+            "k": rng.normal(size=(2, 3, 3))}
+
+
+def expected_layer_gradients(problem: dict[str, np.ndarray], routings: int
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """Finite-difference gradients of the NumPy Procedure 1 with respect to W and u."""
+    w, u, k = problem["w"], problem["u"], problem["k"]
+    return (numeric_gradient(lambda w_: float(np.sum(ref.capsule_layer(w_, u, routings) * k)), w),
+            numeric_gradient(lambda u_: float(np.sum(ref.capsule_layer(w, u_, routings) * k)), u))
+
+
+@pytest.mark.parametrize("routings", [1, 2, 3])
+def test_hand_written_routing_gradient_matches_finite_differences(routings: int) -> None:
+    """`dynamic_routing`'s own gradient, through the layer, for the kernel and the inputs."""
+    problem = layer_gradients_problem(routings)
+    layer = capsule_layer_with(problem["w"], routings)
+    u = tf.constant(problem["u"].astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(u)
+        loss = tf.reduce_sum(layer(u) * problem["k"].astype("float32"))
+    w_grad, u_grad = tape.gradient(loss, [layer.W, u])
+    expected_w, expected_u = expected_layer_gradients(problem, routings)
+    np.testing.assert_allclose(w_grad.numpy(), expected_w, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(u_grad.numpy(), expected_u, rtol=1e-3, atol=1e-5)
+
+
+JAX_GRADIENTS = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, ".")
+from capsulelayers import CapsuleLayer
+problem = {k: np.asarray(v) for k, v in json.loads(sys.stdin.read()).items()}
+routings = int(sys.argv[1])
+layer = CapsuleLayer(num_capsule=3, dim_capsule=3, routings=routings)
+layer.build((None, 4, 2))
+def objective(w, u):
+    outputs, _ = layer.stateless_call([w], [], u)
+    return (outputs * problem["k"]).sum()
+grads = jax.jit(jax.grad(objective, argnums=(0, 1)))(problem["w"].astype("float32"),
+                                                       problem["u"].astype("float32"))
+print(json.dumps([np.asarray(g).tolist() for g in grads]))
+"""
+
+
+def test_hand_written_routing_gradient_on_jax() -> None:
+    """The same gradients under `jax.grad` + `jax.jit` (Keras' JAX backend, in a child process)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, child_env
+
+    routings = 3
+    problem = layer_gradients_problem(routings)
+    result = subprocess.run([sys.executable, "-c", JAX_GRADIENTS, str(routings)], cwd=REPO_ROOT,
+                            input=json.dumps({k: v.tolist() for k, v in problem.items()}),
+                            env=child_env(KERAS_BACKEND="jax"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    w_grad, u_grad = (np.array(g) for g in json.loads(result.stdout.strip().splitlines()[-1]))
+    expected_w, expected_u = expected_layer_gradients(problem, routings)
+    np.testing.assert_allclose(w_grad, expected_w, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(u_grad, expected_u, rtol=1e-3, atol=1e-5)
+
+
 def test_routings_below_one_refused_at_construction() -> None:
     for routings in (0, -1):
         with pytest.raises(ValueError, match="routings"):

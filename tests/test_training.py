@@ -11,7 +11,7 @@ enough not to need TensorFlow's start-up three times.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +108,35 @@ def test_optimizer_rate_is_lr_times_decay_per_epoch() -> None:
     for iteration, rate in expected.items():
         optimizer.iterations.assign(iteration)
         assert float(optimizer.learning_rate) == pytest.approx(rate, rel=1e-6), iteration
+
+
+def numpy_adam(weights: np.ndarray, grads: list[np.ndarray], rate: Callable[[int], float],
+               beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7) -> np.ndarray:
+    """Adam (Kingma & Ba, Algorithm 1, with Keras' epsilon outside the square root) in float64."""
+    w, m, v = weights.astype(np.float64), np.zeros(weights.shape), np.zeros(weights.shape)
+    for t, g in enumerate(grads, start=1):
+        m = beta_1 * m + (1 - beta_1) * g
+        v = beta_2 * v + (1 - beta_2) * g * g
+        w = w - rate(t - 1) * np.sqrt(1 - beta_2**t) / (1 - beta_1**t) * m / (np.sqrt(v) + epsilon)
+    return w
+
+
+def test_optimizer_update_is_adam_with_the_decayed_rate() -> None:
+    """Seven updates of `make_optimizer(0.01, 0.5, 3)`'s optimizer (TensorFlow's fused kernel here)
+    equal Adam's equations in NumPy, the rate halving every 3 steps; Keras' own Adam agrees."""
+    rng = np.random.default_rng(3)
+    start = rng.normal(size=(40, 7)).astype("float32")
+    grads = [rng.normal(size=start.shape).astype("float32") * (t + 1) for t in range(7)]
+    expected = numpy_adam(start, grads, rate=lambda t: 0.01 * 0.5 ** (t // 3))
+    for optimizer in (training.make_optimizer(0.01, 0.5, steps_per_epoch=3),
+                      keras.optimizers.Adam(keras.optimizers.schedules.ExponentialDecay(
+                          0.01, 3, 0.5, staircase=True))):
+        variable = keras.Variable(start)
+        optimizer.build([variable])
+        for g in grads:
+            optimizer.apply_gradients([(g, variable)])
+        np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(expected - start).max() > 0.02  # the updates are far above the tolerance
 
 
 @pytest.mark.slow
