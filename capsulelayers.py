@@ -362,11 +362,22 @@ def col2im(values: Any, index: np.ndarray, pixels: int, dtype: str) -> Any:
     batch, channels = ops.shape(values)[0], values.shape[-1]
     grouped = ops.cast(ops.reshape(ops.take(values, order, axis=1), (-1, channels)), dtype)
     segment = ops.reshape(ops.arange(batch, dtype="int32")[:, None] * pixels + pixel_of, (-1,))
-    if keras.backend.backend() == "tensorflow":
-        # TensorFlow's sorted sum takes no `num_segments`: it returns (last segment + 1) rows.
-        summed = ops.segment_sum(grouped, segment, sorted=True)
-        return ops.pad(summed, [[0, pixels - 1 - int(pixel_of[-1])], [0, 0]])
-    return ops.segment_sum(grouped, segment, num_segments=batch * pixels, sorted=True)
+    if keras.backend.backend() != "tensorflow":
+        return ops.segment_sum(grouped, segment, num_segments=batch * pixels, sorted=True)
+    if _in_tensorflow_xla():
+        return ops.segment_sum(grouped, segment, num_segments=batch * pixels)
+    # TensorFlow's sorted sum takes no `num_segments`: it returns (last segment + 1) rows.
+    summed = ops.segment_sum(grouped, segment, sorted=True)
+    return ops.pad(summed, [[0, pixels - 1 - int(pixel_of[-1])], [0, 0]])
+
+
+def _in_tensorflow_xla() -> bool:
+    """Whether TensorFlow is tracing for XLA (`jit_compile=True`), which has no sorted `SegmentSum`
+    kernel (the unsorted one, given `num_segments`, compiles)."""
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util  # no public equivalent
+
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def im2col_conv2d(inputs: Any, kernel: Any, strides: tuple[int, int], bias: Any = None) -> Any:

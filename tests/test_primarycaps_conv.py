@@ -70,8 +70,9 @@ def twin_layers(input_shape: tuple[int, ...], seed: int, dtype: str | None = Non
 
 
 def tf_forward_backward(layer: keras.layers.Layer, x: np.ndarray, upstream: np.ndarray,
-                        compile_: bool = True) -> list[np.ndarray]:
-    """`[outputs, d/dx, d/dkernel, d/dbias]` of `sum(layer(x) * upstream)`, in a `tf.function`."""
+                        compile_: bool = True, jit_compile: bool = False) -> list[np.ndarray]:
+    """`[outputs, d/dx, d/dkernel, d/dbias]` of `sum(layer(x) * upstream)`, in a `tf.function`
+    (through XLA with `jit_compile`)."""
     import tensorflow as tf
 
     def run(x: Any) -> list[Any]:
@@ -81,7 +82,7 @@ def tf_forward_backward(layer: keras.layers.Layer, x: np.ndarray, upstream: np.n
             loss = tf.reduce_sum(tf.cast(outputs, "float32") * upstream)
         return [outputs, *tape.gradient(loss, [x, layer.kernel, layer.bias])]
 
-    run = tf.function(run) if compile_ else run
+    run = tf.function(run, jit_compile=jit_compile) if compile_ else run
     return [np.asarray(tf.cast(t, "float32")) for t in run(tf.constant(x))]
 
 
@@ -142,6 +143,18 @@ def test_same_outputs_and_gradients_as_keras_conv2d(batch: int, input_shape: tup
     x, upstream = random_io(np.random.default_rng(batch), batch, input_shape, plain)
     want = tf_forward_backward(plain, x, upstream)
     got = tf_forward_backward(im2col, x, upstream)
+    for name, g, w in zip(("outputs", "input grad", "kernel grad", "bias grad"), got, want,
+                          strict=True):
+        assert_close(g, w, name=name)
+
+
+def test_tensorflow_xla_compiles_it_with_the_same_results() -> None:
+    """Under `jit_compile=True` (XLA has no sorted `SegmentSum`) the input gradient takes the unsorted
+    sum: the same numbers as Keras' convolution."""
+    plain, im2col = twin_layers((20, 20, 16), seed=7, filters=8, kernel_size=9, strides=2)
+    x, upstream = random_io(np.random.default_rng(7), 3, (20, 20, 16), plain)
+    want = tf_forward_backward(plain, x, upstream)
+    got = tf_forward_backward(im2col, x, upstream, jit_compile=True)
     for name, g, w in zip(("outputs", "input grad", "kernel grad", "bias grad"), got, want,
                           strict=True):
         assert_close(g, w, name=name)
