@@ -14,7 +14,8 @@ the ratios much more.
 - conv1 (9x9, stride 1, 1 -> 256 channels on the 28x28 image; kernel and bias gradients only, as in
   training) both ways, to show whether im2col pays there too;
 - one training step of the product's train model (`backends.TensorFlowSteps`, Adam, random data) with
-  the PrimaryCaps convolution each way (and in bfloat16 with `--mixed_precision`).
+  the PrimaryCaps convolution each way (and in bfloat16 with `--mixed_precision`), interleaved with a
+  checked 4096x4096 fp32 `tf.matmul`, whose rate times the step's FLOPs is the step floor.
 
 Usage::
 
@@ -186,6 +187,7 @@ def convolutions(batch: int, rounds: int, mixed_precision: bool) -> None:
 
 
 def training_steps(batch: int, rounds: int, mixed_precision: bool) -> None:
+    import flops
     import keras
 
     import backends
@@ -213,12 +215,40 @@ def training_steps(batch: int, rounds: int, mixed_precision: bool) -> None:
             fns[f"step {implementation} {policy.removeprefix('mixed_')}"] = (
                 lambda steps=steps: steps.train(x, y))
     keras.mixed_precision.set_global_policy("float32")
+    fns["GEMM 4096 float32"] = square_gemm(4096, rng)
     for fn in fns.values():  # trace and warm up
         fn()
     times = interleave(fns, rounds)
     print(f"Training step (train model, TensorFlowSteps, Adam), batch {batch}, {rounds} interleaved "
           "rounds:")
-    report(times, {}, reference="step conv float32")
+    report(times, {"GEMM 4096 float32": 2 * 4096**3}, reference="step conv float32")
+    # The step's training FLOPs (analytic; bench.py checks the count on the traced step).
+    step_flops = flops.analytic_flops()["train_total"] * batch
+    rate = 2 * 4096**3 / statistics.median(times["GEMM 4096 float32"])
+    floor = step_flops / rate
+    print(f"  step floor: {step_flops / 1e9:.1f} GFLOP at the 4096x4096 GEMM's "
+          f"{rate / 1e9:.0f} GFLOP/s = {floor * 1e3:.0f} ms")
+    for name, values in times.items():
+        if name.startswith("step"):
+            print(f"  {name:28s} {statistics.median(values) / floor:5.2f}x the fp32 step floor")
+
+
+def square_gemm(n: int, rng: np.random.Generator) -> Callable[[], Any]:
+    """A float32 `n x n` `tf.matmul`, checked against NumPy (float64) on 16 rows first: the issue's
+    floor is the best square GEMM's rate times the step's FLOPs."""
+    import tensorflow as tf
+
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = (rng.standard_normal((n, n), dtype=np.float32) / np.float32(np.sqrt(n)))
+    a_tensor, b_tensor = tf.constant(a), tf.constant(b)
+    product = tf.function(lambda: tf.matmul(a_tensor, b_tensor))
+    rows = np.random.default_rng(3).choice(n, 16, replace=False)
+    want = a[rows].astype(np.float64) @ b
+    error = np.max(np.abs(product().numpy()[rows] - want)) / np.max(np.abs(want))
+    if not error < 1e-4:
+        raise RuntimeError(f"tf.matmul differs from NumPy by {error:.2e} (relative)")
+    corner = tf.function(lambda: product()[0, 0])  # no 64 MB copy back to NumPy
+    return lambda: corner().numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
