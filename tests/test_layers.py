@@ -296,6 +296,8 @@ def test_routings_below_one_refused_at_construction() -> None:
     for routings in (0, -1):
         with pytest.raises(ValueError, match="routings"):
             CapsuleLayer(num_capsule=10, dim_capsule=16, routings=routings)
+        with pytest.raises(ValueError, match="routings"):
+            capsulelayers.dynamic_routing(np.zeros((1, 2, 3, 4), dtype="float32"), routings)
 
 
 # ---------------------------------------------------------------------------------------------
