@@ -80,9 +80,11 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     batch, warmup, steps = config["batch"], config["warmup"], config["steps"]
     x, y = common.synthetic_data(batch * (warmup + steps), seed=0)
     train = training.TrainConfig(batch_size=batch, seed=0)
-    optimizer = training.make_optimizer(train.lr, train.lr_decay, warmup + steps)
-    with strategy.scope():  # as capsulenet.run: model and compile inside the strategy's scope
+    # As capsulenet.run: model, optimizer and compile inside the strategy's scope (an optimizer made
+    # outside it keeps the default strategy and refuses to apply under MirroredStrategy).
+    with strategy.scope():
         model, _, _ = capsulenet.CapsNet(common.INPUT_SHAPE, common.N_CLASS, common.ROUTINGS)
+        optimizer = training.make_optimizer(train.lr, train.lr_decay, warmup + steps)
         capsulenet.compile_like_original(model, optimizer, train.lam_recon)
     step = backends.TensorFlowSteps(model, optimizer, train.lam_recon, batch, strategy)
     step.build_optimizer()
