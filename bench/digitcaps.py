@@ -114,17 +114,11 @@ def layer_variants(batch: int, rounds: int) -> None:
 
 def training_steps(batch: int, rounds: int, mixed_precision: bool) -> None:
     import keras
-    from primarycaps_conv import interleave, report
+    from primarycaps_conv import interleave, product_step, report, step_batch
 
-    import backends
     import capsulelayers
-    import capsulenet
-    import training
 
-    rng = np.random.default_rng(0)
-    x = (rng.random((batch, 28, 28, 1), dtype=np.float32) * (rng.random((batch, 28, 28, 1)) < 0.2)
-         ).astype(np.float32)
-    y = np.eye(10, dtype=np.float32)[np.arange(batch) % 10]
+    x, y = step_batch(batch, np.random.default_rng(0))
     product_call = capsulelayers.CapsuleLayer.call
 
     def plain_call(self: Any, inputs: Any) -> Any:
@@ -136,15 +130,9 @@ def training_steps(batch: int, rounds: int, mixed_precision: bool) -> None:
         keras.mixed_precision.set_global_policy(policy)
         for name, call in (("plain", plain_call), ("product", product_call)):
             capsulelayers.CapsuleLayer.call = call  # read when the step is traced, just below
-            keras.utils.set_random_seed(0)
-            train_model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, routings=ROUTINGS)
-            weights = weights or train_model.get_weights()
-            train_model.set_weights(weights)
-            optimizer = training.make_optimizer(0.001, 0.9, steps_per_epoch=600)
-            steps = backends.TensorFlowSteps(train_model, optimizer, lam_recon=0.392, batch_size=batch)
-            steps.build_optimizer()
-            fns[f"step {name} {policy.removeprefix('mixed_')}"] = lambda steps=steps: steps.train(x, y)
-            fns[f"step {name} {policy.removeprefix('mixed_')}"]()  # trace with this call
+            step, weights = product_step(x, y, weights)
+            step()  # trace with this call
+            fns[f"step {name} {policy.removeprefix('mixed_')}"] = step
     capsulelayers.CapsuleLayer.call = product_call
     keras.mixed_precision.set_global_policy("float32")
     times = interleave(fns, rounds)
@@ -161,15 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed_precision", action="store_true", help="bfloat16 steps too")
     parser.add_argument("--no_step", action="store_true", help="skip the training steps")
     args = parser.parse_args(argv)
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    for path in (REPO_ROOT, REPO_ROOT / "bench"):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
-    import keras
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from primarycaps_conv import use_tensorflow
 
-    if keras.backend.backend() != "tensorflow":
-        print(f"this benchmark needs the TensorFlow backend, not {keras.backend.backend()}")
+    if not use_tensorflow():
         return 2
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
     layer_variants(args.batch_size, args.rounds)

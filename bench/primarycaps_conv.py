@@ -186,34 +186,55 @@ def convolutions(batch: int, rounds: int, mixed_precision: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def training_steps(batch: int, rounds: int, mixed_precision: bool) -> None:
-    import flops
+def step_batch(batch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A sparse MNIST-like random batch `[batch, 28, 28, 1]` and its one-hot labels."""
+    x = (rng.random((batch, 28, 28, 1), dtype=np.float32) * (rng.random((batch, 28, 28, 1)) < 0.2)
+         ).astype(np.float32)
+    return x, np.eye(10, dtype=np.float32)[np.arange(batch) % 10]
+
+
+def product_step(x: np.ndarray, y: np.ndarray, weights: list | None,
+                 configure: Callable[[Any], None] = lambda model: None) -> tuple[Callable[[], Any], list]:
+    """One training step of the product's train model (`backends.TensorFlowSteps`, Adam as shipped)
+    under the current precision policy, `configure(train_model)` applied first (it is read when the
+    step is traced), starting from `weights` (or the model's seed-0 initial ones).
+
+    Returns:
+        the step as a function of no arguments, and the weights it started from.
+    """
     import keras
 
     import backends
     import capsulenet
     import training
 
+    keras.utils.set_random_seed(0)
+    train_model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, routings=3)
+    configure(train_model)
+    weights = weights or train_model.get_weights()
+    train_model.set_weights(weights)
+    optimizer = training.make_optimizer(0.001, 0.9, steps_per_epoch=600)
+    steps = backends.TensorFlowSteps(train_model, optimizer, lam_recon=0.392, batch_size=len(x))
+    steps.build_optimizer()
+    return lambda: steps.train(x, y), weights
+
+
+def training_steps(batch: int, rounds: int, mixed_precision: bool) -> None:
+    import flops
+    import keras
+
     rng = np.random.default_rng(0)
-    x = (rng.random((batch, 28, 28, 1), dtype=np.float32) * (rng.random((batch, 28, 28, 1)) < 0.2)
-         ).astype(np.float32)
-    y = np.eye(10, dtype=np.float32)[np.arange(batch) % 10]
+    x, y = step_batch(batch, rng)
     fns: dict[str, Callable[[], Any]] = {}
     weights = None
     for policy in ("float32", "mixed_bfloat16") if mixed_precision else ("float32",):
         keras.mixed_precision.set_global_policy(policy)
         for implementation in ("conv", "im2col"):
-            keras.utils.set_random_seed(0)
-            train_model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, routings=3)
-            # Read when the step is traced: the same model with the other convolution.
-            train_model.get_layer("primarycap_conv2d").implementation = implementation
-            weights = weights or train_model.get_weights()
-            train_model.set_weights(weights)
-            optimizer = training.make_optimizer(0.001, 0.9, steps_per_epoch=600)
-            steps = backends.TensorFlowSteps(train_model, optimizer, lam_recon=0.392, batch_size=batch)
-            steps.build_optimizer()
-            fns[f"step {implementation} {policy.removeprefix('mixed_')}"] = (
-                lambda steps=steps: steps.train(x, y))
+            def use(model: Any, implementation: str = implementation) -> None:
+                model.get_layer("primarycap_conv2d").implementation = implementation
+
+            fns[f"step {implementation} {policy.removeprefix('mixed_')}"], weights = product_step(
+                x, y, weights, use)
     keras.mixed_precision.set_global_policy("float32")
     fns["GEMM 4096 float32"] = square_gemm(4096, rng)
     for fn in fns.values():  # trace and warm up
@@ -251,6 +272,22 @@ def square_gemm(n: int, rng: np.random.Generator) -> Callable[[], Any]:
     return lambda: corner().numpy()
 
 
+def use_tensorflow() -> bool:
+    """Puts the repository and bench/ on the path and selects Keras' TensorFlow backend (unless the
+    environment chose another, which is then refused in one line): whether the benchmark can run."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for path in (REPO_ROOT, REPO_ROOT / "bench"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        print(f"this benchmark needs the TensorFlow backend, not {keras.backend.backend()}")
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -259,14 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed_precision", action="store_true", help="bfloat16 variants too")
     parser.add_argument("--no_step", action="store_true", help="skip the training steps")
     args = parser.parse_args(argv)
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        print(f"this benchmark needs the TensorFlow backend, not {keras.backend.backend()}")
+    if not use_tensorflow():
         return 2
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start (a busy machine "
           "slows every variant: compare the ratios)")
