@@ -73,18 +73,27 @@ def assign_model_arrays(model: Any, optimizer: Any, arrays: Mapping[str, np.ndar
             variable.assign(arrays[f"{prefix}/{i}"])
 
 
+def _changed_flags(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """`{flag: (saved value, current value)}` of the flags that differ. Either side may name a flag
+    the other lacks (e.g. --multimnist): that is a difference too."""
+    return {k: (saved.get(k), current.get(k)) for k in {**saved, **current}
+            if saved.get(k) != current.get(k)}
+
+
 class Backup:
     """The backup folder of one training run.
 
     Args:
         directory: the folder, e.g. `result/backup` (a worker of a multi-worker run has its own).
         flags: the flags that must be equal for a run to resume from this folder (batch size, learning
-            rate, ...): resuming with others would silently train a different run.
+            rate, ...): resuming with others would silently train a different run. None (a caller that
+            states no flags, e.g. a script of its own) resumes whatever the folder holds; `{}` resumes
+            only a backup saved without flags.
     """
 
     def __init__(self, directory: str | os.PathLike, flags: Mapping[str, Any] | None = None) -> None:
         self.directory = Path(directory)
-        self.flags = dict(flags or {})
+        self.flags = None if flags is None else dict(flags)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -110,9 +119,7 @@ class Backup:
         saved = json.loads(path.read_text())
         checkpoint = self.directory / saved.pop("checkpoint")
         state = RunState(**saved)
-        # Either side may name a flag the other lacks (e.g. --multimnist): that is a difference too.
-        changed = {k: (state.flags.get(k), self.flags.get(k)) for k in {**state.flags, **self.flags}
-                   if state.flags.get(k) != self.flags.get(k)}
+        changed = {} if self.flags is None else _changed_flags(state.flags or {}, self.flags)
         if changed:
             detail = ", ".join(f"--{k} was {old}, now {new}" for k, (old, new) in changed.items())
             raise UserError(f"{self.directory} holds an unfinished run with other flags ({detail}); "

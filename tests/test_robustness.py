@@ -642,6 +642,10 @@ def test_backup_keeps_two_epochs_and_rolls_back(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="--lr was 0.001, now 0.002"):
         Backup(tmp_path / "backup", flags={**flags, "lr": 0.002}).restore(model, optimizer)
+    with pytest.raises(UserError, match="--batch_size was 100, now None"):  # flags named: all compared
+        Backup(tmp_path / "backup", flags={}).restore(model, optimizer)
+    # A caller that names no flags (its own script) resumes what the folder holds.
+    assert Backup(tmp_path / "backup").restore(model, optimizer).epoch == 2
 
     backup.roll_back(0)  # epoch 0: start over
     assert not backup.directory.exists() and backup.latest_epoch() == 0
