@@ -9,7 +9,7 @@
   loss, reconstruction MSE, correct predictions) as a NumPy array;
 - `sync()`: make the model's and optimizer's variables hold the trained values (before they are saved).
 
-Two implementations:
+Two implementations of `Steps`:
 
 - `TensorFlowSteps`: a `tf.function` step under any `tf.distribute` strategy (one device,
   `MirroredStrategy` over several, `MultiWorkerMirroredStrategy` over machines, under which Keras 3's
@@ -54,11 +54,30 @@ def make_steps(model: keras.Model, optimizer: Any, lam_recon: float, batch_size:
     raise ValueError(f"the {backend} backend is not supported for training; use tensorflow or jax")
 
 
-class TensorFlowSteps:
+class Steps:
+    """What every backend's steps hold: the train model, its optimizer, and how the loss is made.
+
+    Args:
+        model, optimizer, lam_recon, batch_size, objective: see `make_steps`.
+    """
+
+    def __init__(self, model: keras.Model, optimizer: Any, lam_recon: float, batch_size: int,
+                 objective: Objective = ONE_DIGIT) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.lam_recon = lam_recon
+        self.batch_size = batch_size
+        self.objective = objective
+
+    def build_optimizer(self) -> None:
+        self.optimizer.build(self.model.trainable_variables)
+
+
+class TensorFlowSteps(Steps):
     """Steps as `tf.function`s under a `tf.distribute` strategy.
 
     Args:
-        model, optimizer, lam_recon, batch_size: see `make_steps`.
+        model, optimizer, lam_recon, batch_size, objective: see `make_steps`.
         strategy: the `tf.distribute` strategy; the current one (one device) by default.
         jit_compile: compile the steps with XLA (measured ~20x slower on a 2-core CPU: off by default).
     """
@@ -67,12 +86,8 @@ class TensorFlowSteps:
                  strategy: Any = None, jit_compile: bool = False, objective: Objective = ONE_DIGIT) -> None:
         import tensorflow as tf
 
+        super().__init__(model, optimizer, lam_recon, batch_size, objective)
         self.tf = tf
-        self.objective = objective
-        self.model = model
-        self.optimizer = optimizer
-        self.lam_recon = lam_recon
-        self.batch_size = batch_size
         self.strategy = strategy or tf.distribute.get_strategy()
         self.replicas = self.strategy.num_replicas_in_sync
         self.train_step = tf.function(self._train_step, jit_compile=jit_compile, reduce_retracing=True)
@@ -80,7 +95,7 @@ class TensorFlowSteps:
 
     def build_optimizer(self) -> None:
         with self.strategy.scope():  # the optimizer's slots are mirrored like the weights
-            self.optimizer.build(self.model.trainable_variables)
+            super().build_optimizer()
 
     def reload(self) -> None:
         """Nothing to do: the steps read the variables themselves."""
@@ -138,7 +153,7 @@ class TensorFlowSteps:
         return self._reduce(self.strategy.run(self._replica_eval_step, args=batch))
 
 
-class JaxSteps:
+class JaxSteps(Steps):
     """Steps as `jax.jit` pure functions of the variables.
 
     The variables live in `self.state` between `reload()` and `sync()`, as in Keras' own JAX trainer.
@@ -152,20 +167,13 @@ class JaxSteps:
                  objective: Objective = ONE_DIGIT) -> None:
         import jax
 
+        super().__init__(model, optimizer, lam_recon, batch_size, objective)
         self.jax = jax
-        self.objective = objective
-        self.model = model
-        self.optimizer = optimizer
-        self.lam_recon = lam_recon
-        self.batch_size = batch_size
         self.distribution = keras.distribution.distribution()
         self.replicas = len(self.distribution.device_mesh.devices.flat) if self.distribution else 1
         self.state: tuple | None = None
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.eval_step = jax.jit(self._eval_step)
-
-    def build_optimizer(self) -> None:
-        self.optimizer.build(self.model.trainable_variables)
 
     def reload(self) -> None:
         self.state = (
