@@ -72,9 +72,14 @@ def squash(vectors: Any, axis: int = -1) -> Any:
     Returns:
         a tensor of the same shape as `vectors`.
     """
-    s_squared_norm = ops.sum(ops.square(vectors), axis=axis, keepdims=True)
-    scale = s_squared_norm / (1 + s_squared_norm) / ops.sqrt(s_squared_norm + SQUASH_EPSILON)
-    return scale * vectors
+    return _squash_scale(ops.sum(ops.square(vectors), axis=axis, keepdims=True)) * vectors
+
+
+def _squash_scale(squared: Any, root: Any = None) -> Any:
+    """`f(n2) = n2 / ((1 + n2) sqrt(n2 + SQUASH_EPSILON))`, squash's factor for a squared length
+    `n2` (`root`: that square root, when the caller has it)."""
+    root = ops.sqrt(squared + SQUASH_EPSILON) if root is None else root
+    return squared / (1 + squared) / root
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -161,7 +166,7 @@ def squash_gradient(vectors: Any, upstream: Any) -> Any:
     """
     squared = ops.sum(ops.square(vectors), axis=-1, keepdims=True)
     root = ops.sqrt(squared + SQUASH_EPSILON)
-    scale = squared / (1 + squared) / root
+    scale = _squash_scale(squared, root)
     slope = 1 / (ops.square(1 + squared) * root) - scale / (2 * (squared + SQUASH_EPSILON))
     return scale * upstream + 2 * slope * ops.sum(vectors * upstream, axis=-1, keepdims=True) * vectors
 
