@@ -269,6 +269,19 @@ def _relative_error(rows: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(rows - reference).max() / np.abs(reference).max())
 
 
+def check_fp32_product(rows: np.ndarray, reference: np.ndarray, what: str = "tf.matmul") -> None:
+    """Refuses a product to be timed as a floor whose checked `rows` differ from their float64
+    `reference` by more than float32 accumulation explains (work skipped, or reduced precision).
+
+    Raises:
+        RuntimeError: naming `what` and the relative error.
+    """
+    error = _relative_error(rows, reference)
+    if not error < FP32_TOLERANCE:
+        raise RuntimeError(f"{what} differs from NumPy (float64) by {error:.2e} (relative), above the "
+                           f"float32 tolerance {FP32_TOLERANCE:g}: not a floor")
+
+
 def _gemm_candidate(library: str, n: int, run: Callable[[Any, np.ndarray], np.ndarray], repeats: int,
                     chain: int, b: np.ndarray, rng: np.random.Generator,
                     prepare: Callable[[np.ndarray], Any] = lambda a: a) -> dict[str, Any]:
