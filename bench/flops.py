@@ -205,7 +205,7 @@ def cpu_clock_ghz() -> tuple[float, str]:
 
     In order: `lscpu`'s "CPU max MHz", cpufreq's `cpuinfo_max_freq`, the "@ 3.70GHz" of the model name
     (nominal: boost may exceed it), /proc/cpuinfo's "cpu MHz" (the current clock), else
-    `ASSUMED_MAX_GHZ`.
+    `ASSUMED_MAX_GHZ`. Only the first two and the last are maxima (`clock_is_a_maximum`).
     """
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -228,6 +228,12 @@ def cpu_clock_ghz() -> tuple[float, str]:
     return ASSUMED_MAX_GHZ, f"none reported; {ASSUMED_MAX_GHZ:g} GHz assumed as an upper bound"
 
 
+def clock_is_a_maximum(how: str) -> bool:
+    """Whether `cpu_clock_ghz`'s clock (by its `how`) bounds every core's clock: a nominal or current
+    clock does not (boost runs above it)."""
+    return "boost may exceed it" not in how
+
+
 def cpu_peak(cores: int | None = None, override_gflops: float | None = None) -> dict[str, Any]:
     """The theoretical fp32 peak of the cores this process may use: cores x FLOPs/cycle x clock.
 
@@ -238,19 +244,24 @@ def cpu_peak(cores: int | None = None, override_gflops: float | None = None) -> 
         override_gflops: a peak known better than this estimate (`--peak_gflops`).
 
     Returns:
-        `{'gflops', 'cores', 'flops_per_cycle', 'ghz', 'how'}`; `how` states the assumptions.
+        `{'gflops', 'bound_gflops', 'cores', 'flops_per_cycle', 'ghz', 'how'}`; `how` states the
+        assumptions. `bound_gflops`, what a measured rate is refused above, is `gflops` when the clock
+        is a maximum, else the peak at `ASSUMED_MAX_GHZ`: a product measured faster than a nominal or
+        current clock allows ran under boost, and refusing it would make the floor slower than the
+        machine (and every ratio to it look better than it is).
     """
     cores = cores or common.cpu_cores()
     if override_gflops:
-        return {"gflops": float(override_gflops), "cores": cores, "flops_per_cycle": None, "ghz": None,
-                "how": "given with --peak_gflops"}
+        return {"gflops": float(override_gflops), "bound_gflops": float(override_gflops), "cores": cores,
+                "flops_per_cycle": None, "ghz": None, "how": "given with --peak_gflops"}
     info = common.cpu_info()
     family = int(info.get("cpu family", "0") or 0)
     per_cycle, why = flops_per_cycle(set(info.get("flags", "").split()), info.get("vendor_id", ""),
                                      family)
     ghz, clock = cpu_clock_ghz()
-    return {"gflops": cores * per_cycle * ghz, "cores": cores, "flops_per_cycle": per_cycle,
-            "ghz": ghz,
+    bound_ghz = ghz if clock_is_a_maximum(clock) else max(ghz, ASSUMED_MAX_GHZ)
+    return {"gflops": cores * per_cycle * ghz, "bound_gflops": cores * per_cycle * bound_ghz,
+            "cores": cores, "flops_per_cycle": per_cycle, "ghz": ghz,
             "how": f"{cores} cores x {per_cycle} FLOP/cycle ({why}) x {ghz:.2f} GHz (clock: {clock})"}
 
 
@@ -387,8 +398,9 @@ def choose_floor(floor: dict[str, Any]) -> None:
         c.pop("refused", None)
         if not c["error"] <= floor["tolerance"]:
             c["refused"] = f"error {c['error']:.1e} vs float64 above {floor['tolerance']:.0e}"
-        elif peak and c["gflops"] > peak["gflops"]:
-            c["refused"] = f"above the theoretical peak of {peak['gflops']:.0f} GFLOP/s"
+        elif peak and c["gflops"] > peak.get("bound_gflops", peak["gflops"]):
+            c["refused"] = (f"above the theoretical peak of "
+                            f"{peak.get('bound_gflops', peak['gflops']):.0f} GFLOP/s")
     accepted = [c for c in floor["candidates"] if "refused" not in c]
     best = max(accepted, key=lambda c: c["gflops"], default=None)
     floor["floor_gflops"] = best["gflops"] if best else None

@@ -249,7 +249,7 @@ def training_steps(batch: int, rounds: int, mixed_precision: bool) -> None:
     print(f"  step floor: {step_flops / 1e9:.1f} GFLOP at the 4096x4096 GEMM's "
           f"{rate / 1e9:.0f} GFLOP/s = {floor * 1e3:.0f} ms")
     peak = flops.cpu_peak()
-    beyond = (" (the GEMM above it: the cores ran faster than that clock, e.g. turbo)"
+    beyond = (" (the GEMM above it: the cores ran faster than that clock, i.e. boost)"
               if rate / 1e9 > peak["gflops"] else "")
     print(f"  CPU peak estimate: {peak['gflops']:.0f} GFLOP/s = {peak['how']}{beyond}")
     for name, values in times.items():

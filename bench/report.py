@@ -158,6 +158,10 @@ def _render_floor(results: dict[str, Any]) -> list[str]:
     peak = floor.get("peak")
     if peak:
         lines.append(f"Theoretical fp32 peak: {peak['gflops']:.0f} GFLOP/s = {peak['how']}.")
+        if peak.get("bound_gflops", peak["gflops"]) > peak["gflops"]:
+            lines.append(f"That clock is no maximum, so products are refused only above "
+                         f"{peak['bound_gflops']:.0f} GFLOP/s (the same cores at "
+                         f"{flops.ASSUMED_MAX_GHZ:g} GHz).")
     elif floor.get("gpu"):
         lines.append("No theoretical peak is computed for a GPU; the product check still applies.")
     if floor.get("floor_gflops"):

@@ -339,6 +339,35 @@ def test_floor_refuses_rates_above_the_peak() -> None:
     assert floor["floor_gflops"] is None
 
 
+def test_a_nominal_clock_does_not_refuse_a_boosted_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peak from a nominal or current clock is no upper bound (boost runs above it): a checked
+    product faster than it is the floor, refused only above the same cores at ASSUMED_MAX_GHZ; a
+    maximum clock still refuses it. (Refusing it made the floor slower than the machine once: a 4096
+    product at 288 GFLOP/s against 2 x 64 x 2.1 GHz = 269.)"""
+    def floor_with(clock: tuple[float, str]) -> dict:
+        monkeypatch.setattr(flops, "cpu_clock_ghz", lambda: clock)
+        monkeypatch.setattr(flops.common, "cpu_info", lambda: {
+            "flags": "avx512f avx2 fma", "vendor_id": "GenuineIntel", "cpu family": "6"})
+        peak = flops.cpu_peak(cores=2)
+        floor = {"candidates": [{"library": "tf.matmul", "n": 4096, "chain": 1, "gflops": 288.0,
+                                 "error": 5e-7},
+                                {"library": "NumPy", "n": 4096, "chain": 1, "gflops": 250.0,
+                                 "error": 5e-7},
+                                {"library": "tf.matmul", "n": 2048, "chain": 1, "gflops": 700.0,
+                                 "error": 5e-7}],
+                 "tolerance": flops.FP32_TOLERANCE, "peak": peak}
+        flops.choose_floor(floor)
+        return floor
+
+    current = floor_with((2.1, "/proc/cpuinfo cpu MHz (current; boost may exceed it)"))
+    assert current["peak"]["gflops"] == pytest.approx(2 * 64 * 2.1)
+    assert current["peak"]["bound_gflops"] == pytest.approx(2 * 64 * flops.ASSUMED_MAX_GHZ)
+    assert current["floor_gflops"] == 288.0
+    assert "peak of 640" in current["candidates"][2]["refused"]
+    maximum = floor_with((2.1, "lscpu max MHz"))
+    assert maximum["floor_gflops"] == 250.0 and "peak of 269" in maximum["candidates"][0]["refused"]
+
+
 def test_cpu_peak_arithmetic() -> None:
     """SPEC section 6's example, 2 Zen 4 cores: 2 x 32 FLOP/cycle x 3.7 GHz; AVX-512 with two full
     FMA units counts 64; this machine's estimate is positive and says how it was made."""
