@@ -161,11 +161,13 @@ def convolutions(batch: int, rounds: int, mixed_precision: bool) -> None:
             flops[name] = primarycaps_flops(batch)
     fns["GEMM floor float32"] = gemm_floor(batch, rng)
     flops["GEMM floor float32"] = primarycaps_flops(batch)
-    for implementation in ("conv", "im2col"):
-        layer = Conv2D(256, KERNEL, activation="relu", implementation=implementation, dtype="float32")
-        layer.build(image.shape)
-        fns[f"conv1 {implementation} float32"] = layer_step(layer, image, upstream1, input_grad=False)
-        flops[f"conv1 {implementation} float32"] = conv1_flops(batch)
+    for dtype in ("float32", "mixed_bfloat16") if mixed_precision else ("float32",):
+        for implementation in ("conv", "im2col"):
+            layer = Conv2D(256, KERNEL, activation="relu", implementation=implementation, dtype=dtype)
+            layer.build(image.shape)
+            name = f"conv1 {implementation} {dtype.removeprefix('mixed_')}"
+            fns[name] = layer_step(layer, image, upstream1, input_grad=False)
+            flops[name] = conv1_flops(batch)
     keras.mixed_precision.set_global_policy("float32")
     for fn in fns.values():  # trace and warm up
         fn()
