@@ -331,9 +331,8 @@ class Trainer:
         return dict(zip(SUMS, sums / len(arrays[0]), strict=True))
 
     def learning_rate(self) -> float:
-        """The rate of the optimizer's next step."""
-        rate = self.optimizer.learning_rate
-        return float(rate(self.optimizer.iterations) if callable(rate) else rate)
+        """The rate of the optimizer's next step (Keras 3 evaluates a schedule at the current step)."""
+        return float(self.optimizer.learning_rate)
 
     def _end_epoch(self, epoch: int, row: dict, log: Any, state: RunState,
                    tensorboard: TensorBoardLog | None) -> RunState:
