@@ -20,7 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -142,16 +141,10 @@ def training_steps(batch: int, rounds: int, mixed_precision: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--batch_size", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (medians over them)")
-    parser.add_argument("--mixed_precision", action="store_true", help="bfloat16 steps too")
-    parser.add_argument("--no_step", action="store_true", help="skip the training steps")
-    args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO_ROOT / "bench"))
-    from primarycaps_conv import use_tensorflow
+    from primarycaps_conv import layer_bench_parser, use_tensorflow
 
+    args = layer_bench_parser(__doc__.split("\n\n")[0], rounds=7).parse_args(argv)
     if not use_tensorflow():
         return 2
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")

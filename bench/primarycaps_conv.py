@@ -291,14 +291,19 @@ def use_tensorflow() -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def layer_bench_parser(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The flags of the layer benchmarks (this one and `digitcaps.py`)."""
+    parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians over them)")
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds (medians over them)")
     parser.add_argument("--mixed_precision", action="store_true", help="bfloat16 variants too")
     parser.add_argument("--no_step", action="store_true", help="skip the training steps")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = layer_bench_parser(__doc__.split("\n\n")[0], rounds=5).parse_args(argv)
     if not use_tensorflow():
         return 2
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start (a busy machine "
