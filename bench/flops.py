@@ -176,6 +176,9 @@ def graph_flops(concrete_function: Any) -> dict[str, int]:
 # The CPU's theoretical peak
 # ---------------------------------------------------------------------------------------------
 
+# How `cpu_clock_ghz` marks a clock that is no maximum (nominal or current): boost runs above it.
+BOOST_CAVEAT = "boost may exceed it"
+
 # Above this clock no CPU core runs: the bound used when the machine reports no clock at all (virtual
 # machines often hide it), so that the peak stays an upper bound.
 ASSUMED_MAX_GHZ = 5.0
@@ -222,16 +225,16 @@ def cpu_clock_ghz() -> tuple[float, str]:
     info = common.cpu_info()
     match = re.search(r"@\s*([\d.]+)\s*GHz", info.get("model name", ""))
     if match:
-        return float(match.group(1)), "model name (nominal; boost may exceed it)"
+        return float(match.group(1)), f"model name (nominal; {BOOST_CAVEAT})"
     if info.get("cpu MHz"):
-        return float(info["cpu MHz"]) / 1000, "/proc/cpuinfo cpu MHz (current; boost may exceed it)"
+        return float(info["cpu MHz"]) / 1000, f"/proc/cpuinfo cpu MHz (current; {BOOST_CAVEAT})"
     return ASSUMED_MAX_GHZ, f"none reported; {ASSUMED_MAX_GHZ:g} GHz assumed as an upper bound"
 
 
 def clock_is_a_maximum(how: str) -> bool:
     """Whether `cpu_clock_ghz`'s clock (by its `how`) bounds every core's clock: a nominal or current
     clock does not (boost runs above it)."""
-    return "boost may exceed it" not in how
+    return BOOST_CAVEAT not in how
 
 
 def cpu_peak(cores: int | None = None, override_gflops: float | None = None) -> dict[str, Any]:
@@ -394,13 +397,13 @@ def choose_floor(floor: dict[str, Any]) -> None:
     (a timing artefact, or a peak assumption that is wrong for this CPU: `--peak_gflops`).
     """
     peak = floor.get("peak")
+    bound = peak.get("bound_gflops", peak["gflops"]) if peak else None  # results saved before the bound
     for c in floor["candidates"]:
         c.pop("refused", None)
         if not c["error"] <= floor["tolerance"]:
             c["refused"] = f"error {c['error']:.1e} vs float64 above {floor['tolerance']:.0e}"
-        elif peak and c["gflops"] > peak.get("bound_gflops", peak["gflops"]):
-            c["refused"] = (f"above the theoretical peak of "
-                            f"{peak.get('bound_gflops', peak['gflops']):.0f} GFLOP/s")
+        elif bound and c["gflops"] > bound:
+            c["refused"] = f"above the theoretical peak of {bound:.0f} GFLOP/s"
     accepted = [c for c in floor["candidates"] if "refused" not in c]
     best = max(accepted, key=lambda c: c["gflops"], default=None)
     floor["floor_gflops"] = best["gflops"] if best else None
