@@ -359,7 +359,7 @@ def test_a_nominal_clock_does_not_refuse_a_boosted_product(monkeypatch: pytest.M
         flops.choose_floor(floor)
         return floor
 
-    current = floor_with((2.1, "/proc/cpuinfo cpu MHz (current; boost may exceed it)"))
+    current = floor_with((2.1, f"/proc/cpuinfo cpu MHz (current; {flops.BOOST_CAVEAT})"))
     assert current["peak"]["gflops"] == pytest.approx(2 * 64 * 2.1)
     assert current["peak"]["bound_gflops"] == pytest.approx(2 * 64 * flops.ASSUMED_MAX_GHZ)
     assert current["floor_gflops"] == 288.0

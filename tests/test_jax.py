@@ -201,16 +201,6 @@ def test_jax_resume_continues_as_an_uninterrupted_run(tmp_path: Path) -> None:
     assert found["weight_diff"] < 1e-5
 
 
-if __name__ == "__main__":
-    import argparse
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--resume", nargs=2, metavar=("DATASET", "OUT"), required=True)
-    resume_main(*parser.parse_args().resume)
-
-
 @pytest.mark.slow
 def test_gpu_harness_runs_without_tensorflow(small_idx_dir: Path, tmp_path: Path) -> None:
     """`bench/backend_epoch.py`, the script carried to the lent GPU machine (JAX, no TensorFlow there),
@@ -228,3 +218,14 @@ def test_gpu_harness_runs_without_tensorflow(small_idx_dir: Path, tmp_path: Path
     test = re.search(r"Test accuracy after 1 epochs .*: (\d\.\d{4}) on 100 images", text)
     assert epoch and test, text
     assert epoch.group(1) == test.group(1)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--resume", nargs=2, metavar=("DATASET", "OUT"), required=True)
+    resume_main(*parser.parse_args().resume)
+
