@@ -268,7 +268,9 @@ def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, b
         if args.predict is not None:
             run_predict(args, eval_model, class_names)
         return
-    # Another mode joins here, before the data are loaded: `if args.<flag>: run_<mode>(args); return`.
+    # A new mode (`--explore`) joins here as `if args.explore: run_explore(args); return`, its `run_explore`
+    # beside the others: it reads its flags, loads what it needs (`setup`, `load_trained_model`) and
+    # calls its module with plain values.
     data, class_names = setup(args)
     if args.testing:
         run_test(args, data, is_chief=is_chief, on_model=on_model)

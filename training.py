@@ -1,4 +1,4 @@
-"""Training CapsNet: the configuration, the optimizer, the batches and the epoch loop.
+"""Training CapsNet: the configuration, the optimizer, the batches, the epoch loop and `train`.
 
 One loop serves every way this project trains (`capsulenet.py` on one device,
 `capsulenet-multi-gpu.py` on several devices or machines, TensorFlow or JAX): each epoch it trains on
@@ -13,6 +13,9 @@ Usage::
     steps = backends.make_steps(train_model, optimizer, config.lam_recon, config.batch_size)
     trainer = Trainer(train_model, optimizer, steps, config, Backup("result/backup"))
     log = trainer.fit((x_train, y_train), (x_test, y_test))
+
+    # or all of it, then the final weights and log.png, as the command line does:
+    train(train_model, eval_model, optimizer, data, config, Backup("result/backup"))
 """
 
 from __future__ import annotations
