@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-import utils
+import atomic
 from errors import UserError
 
 STATE_FILE = "state.json"
@@ -133,10 +133,10 @@ class Backup:
     def save(self, state: RunState, model: Any, optimizer: Any) -> None:
         """Backs up the epoch `state.epoch` and makes it the one a run resumes from."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        with utils.atomic_path(self._arrays_path(state.epoch)) as tmp:
+        with atomic.atomic_path(self._arrays_path(state.epoch)) as tmp:
             np.savez(tmp, **model_arrays(model, optimizer))
         state_json = json.dumps(dataclasses.asdict(state), indent=1)
-        utils.write_text_atomic(self._state_path(state.epoch), state_json)
+        atomic.write_text_atomic(self._state_path(state.epoch), state_json)
         self.roll_back(state.epoch)
         # The epoch before stays too: workers of a multi-worker run stopped one epoch apart resume
         # together from the earlier one.
@@ -152,7 +152,7 @@ class Backup:
             return
         state = json.loads(self._state_path(epoch).read_text())
         state["checkpoint"] = self._arrays_path(epoch).name
-        utils.write_text_atomic(self.directory / STATE_FILE, json.dumps(state, indent=1))
+        atomic.write_text_atomic(self.directory / STATE_FILE, json.dumps(state, indent=1))
 
     def remove(self) -> None:
         """Deletes the folder, as Keras' `BackupAndRestore` does when training completes."""

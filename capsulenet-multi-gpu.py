@@ -1,7 +1,8 @@
 """Data-parallel CapsNet training on several GPUs, several logical CPUs or several machines.
 
-The model, losses, training loop and test are those of `capsulenet.py` and `training.py`; this script only
-chooses how the devices share the work:
+The flags, model, losses, training loop and test are those of `capsulenet.py` (its `run` and the modules
+it calls: `capsnet_model.py`, `training.py`, `evaluation.py`); this script only chooses how the devices
+share the work:
 
 - TensorFlow, one machine: `tf.distribute.MirroredStrategy` over the first `--gpus` GPUs (or, with
   `--cpu`, `--gpus` logical CPU devices carved out of the processor, to try the same path without GPUs);

@@ -1,9 +1,11 @@
-"""Keras 3 implementation of CapsNet (Sabour, Frosst & Hinton, NIPS 2017).
+"""Keras 3 implementation of CapsNet (Sabour, Frosst & Hinton, NIPS 2017): the command line.
 
 The current version trains CapsNet on MNIST (by default), Fashion-MNIST or local data, tests a trained
-model and draws how each capsule dimension changes a reconstruction. This file holds the model, the
-test, the manipulation plot and the command line; the training loop is in `training.py`, its resumable
-state in `backup.py`, weight files in `saving.py` (README: "Layout").
+model and draws how each capsule dimension changes a reconstruction, classifies new images and exports
+the model. This file reads and checks the flags and runs one function per mode (`run_train`,
+`run_test`, `run_predict`, `run_export`); each hands the flags' values to the modules below it as
+plain parameters: the model is in `capsnet_model.py`, the test and the manipulation plot in
+`evaluation.py`, the training loop in `training.py`, the data in `utils.py` (README: "Layout").
 
 Usage:
     python capsulenet.py
@@ -37,9 +39,7 @@ import utils
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 with utils.native_stderr_quiet():
     import keras
-from keras import layers  # noqa: E402
 
-import backends  # noqa: E402
 import deploy  # noqa: E402
 import errors  # noqa: E402
 import image_folder  # noqa: E402
@@ -48,13 +48,22 @@ import multimnist  # noqa: E402
 import saving  # noqa: E402
 import training  # noqa: E402
 from backup import Backup  # noqa: E402
-from capsulelayers import CapsuleLayer, Length, Mask, PrimaryCap  # noqa: E402
-from errors import TrainingDivergedError, UserError  # noqa: E402
-from losses import margin_loss  # noqa: E402, F401 - the original's public name
 
-CAPSULE_DIM = 16
-# Offsets added to one capsule dimension in the manipulation plot: -0.25, -0.2, ..., 0.25.
-PERTURBATIONS = np.round(np.arange(-0.25, 0.25 + 1e-9, 0.05), 2)
+# F401: scripts and tests also reach these as `capsulenet.X` (the original's `CapsNet`, `margin_loss`,
+# `train`, `test`, `manipulate_latent`, and this port's additions); they live in the modules named.
+from capsnet_model import CAPSULE_DIM, CapsNet, compile_like_original, two_digit_train_model  # noqa: E402, F401
+from errors import DataError, TrainingDivergedError, UserError  # noqa: E402
+from evaluation import (  # noqa: E402, F401
+    PERTURBATIONS,
+    manipulate_latent,
+    perturbation_grid,
+    pick_sample,
+    test,
+    test_two_digits,
+)
+from losses import margin_loss  # noqa: E402, F401
+from training import train  # noqa: E402, F401
+
 BACKUP_DIR = "backup"
 # The backends with a training step in backends.py. PyTorch would need a third step of its own.
 SUPPORTED_BACKENDS = ("tensorflow", "jax")
@@ -63,238 +72,7 @@ RESUME_FLAGS = ("batch_size", "lr", "lr_decay", "lam_recon", "routings", "shift_
 
 
 # ---------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------
-
-
-def CapsNet(  # noqa: N802 - the original's public name
-    input_shape: Sequence[int], n_class: int, routings: int
-) -> tuple[keras.Model, keras.Model, keras.Model]:
-    """A Capsule Network.
-
-    Args:
-        input_shape: data shape, 3D `[rows, cols, channels]`, e.g. `[28, 28, 1]`.
-        n_class: number of classes.
-        routings: number of routing iterations, at least 1.
-
-    Returns:
-        `train_model` (`[x, y] -> [lengths, reconstruction]`, the decoder masked by the true label),
-        `eval_model` (`x -> [lengths, reconstruction]`, masked by the longest capsule) and
-        `manipulate_model` (`[x, y, noise [n_class, 16]] -> reconstruction of digitcaps + noise`),
-        all three sharing their layers.
-    """
-    input_shape = tuple(int(d) for d in input_shape)
-    # Under a mixed-precision policy the capsules stay float32: a fresh model's capsule lengths are
-    # ~1e-7 and their squares would underflow in float16.
-    caps_dtype = "float32" if keras.mixed_precision.global_policy().name.startswith("mixed") else None
-    x = layers.Input(shape=input_shape, name="input_image")
-
-    # Layer 1: a conventional Conv2D layer. [batch, 20, 20, 256]
-    conv1 = layers.Conv2D(256, 9, strides=1, padding="valid", activation="relu", name="conv1")(x)
-    # Layer 2: Conv2D with `squash`, grouped into capsules. [batch, 1152, 8]
-    primarycaps = PrimaryCap(conv1, dim_capsule=8, n_channels=32, kernel_size=9, strides=2,
-                             padding="valid")
-    # Layer 3: capsule layer with dynamic routing. [batch, n_class, 16]
-    digitcaps = CapsuleLayer(num_capsule=n_class, dim_capsule=CAPSULE_DIM, routings=routings,
-                             name="digitcaps", dtype=caps_dtype)(primarycaps)
-    # Layer 4: each capsule's length, the class probability. [batch, n_class]
-    out_caps = Length(name="capsnet", dtype=caps_dtype)(digitcaps)
-
-    # Decoder network.
-    y = layers.Input(shape=(n_class,), name="input_label")
-    masked_by_y = Mask(name="mask_by_label", dtype=caps_dtype)([digitcaps, y])
-    masked = Mask(name="mask_by_length", dtype=caps_dtype)(digitcaps)
-    decoder = keras.Sequential(
-        [
-            layers.Input(shape=(CAPSULE_DIM * n_class,)),
-            layers.Dense(512, activation="relu"),
-            layers.Dense(1024, activation="relu"),
-            layers.Dense(math.prod(input_shape), activation="sigmoid", dtype=caps_dtype),
-            layers.Reshape(target_shape=input_shape, name="out_recon"),
-        ],
-        name="decoder",
-    )
-
-    train_model = keras.Model([x, y], [out_caps, decoder(masked_by_y)], name="capsnet_train")
-    eval_model = keras.Model(x, [out_caps, decoder(masked)], name="capsnet_eval")
-
-    # Manipulate model: perturb the capsules, then decode the label's capsule.
-    noise = layers.Input(shape=(n_class, CAPSULE_DIM), name="input_noise")
-    noised_digitcaps = layers.Add(name="add_noise")([digitcaps, noise])
-    masked_noised_y = Mask(name="mask_noised", dtype=caps_dtype)([noised_digitcaps, y])
-    manipulate_model = keras.Model([x, y, noise], decoder(masked_noised_y), name="capsnet_manipulate")
-    return train_model, eval_model, manipulate_model
-
-
-def two_digit_train_model(train_model: keras.Model) -> keras.Model:
-    """The MultiMNIST train model (paper section 6), sharing every layer of `train_model`.
-
-    `[x, y_first, y_second] -> [lengths, reconstruction of first, reconstruction of second]`: each digit
-    is decoded from its own capsule, masked by its own one-hot label `[batch, n_class]`.
-    """
-    digitcaps = train_model.get_layer("digitcaps")
-    decoder = train_model.get_layer("decoder")
-    n_class = digitcaps.num_capsule
-    dtype = digitcaps.dtype_policy
-    y_first = layers.Input(shape=(n_class,), name="input_label_first")
-    y_second = layers.Input(shape=(n_class,), name="input_label_second")
-    recon_first = decoder(Mask(name="mask_first", dtype=dtype)([digitcaps.output, y_first]))
-    recon_second = decoder(Mask(name="mask_second", dtype=dtype)([digitcaps.output, y_second]))
-    return keras.Model([train_model.inputs[0], y_first, y_second],
-                       [train_model.get_layer("capsnet").output, recon_first, recon_second],
-                       name="capsnet_train_two_digits")
-
-
-def compile_like_original(model: keras.Model, optimizer: Any, lam_recon: float) -> None:
-    """Compiles the train model as the original did (margin loss + lam_recon x MSE, accuracy), so that
-    users who prefer `model.fit` can call it; `training.Trainer` computes the same losses itself."""
-    model.compile(optimizer=optimizer, loss=[margin_loss, "mse"], loss_weights=[1.0, lam_recon],
-                  metrics=[["accuracy"], []])
-
-
-def train(model: keras.Model, eval_model: keras.Model, optimizer: Any, data: utils.Dataset,
-          config: training.TrainConfig, backup: Backup, strategy: Any = None, is_chief: bool = True,
-          objective: losses.Objective = losses.ONE_DIGIT, batcher: Any = None) -> None:
-    """Trains `model` (the train model) on `data`, validating on the test set every epoch.
-
-    Writes to `config.save_dir`: `log.csv`, `weights-{epoch:02d}.weights.h5` (best on validation
-    accuracy), `trained_model.weights.h5` and `log.png` (the chief only), and removes the backup once
-    the run is complete. MultiMNIST passes its `objective` and `batcher` (`losses.TWO_DIGITS`,
-    `multimnist.PairBatcher`) with the two-digit train model.
-    """
-    steps = backends.make_steps(model, optimizer, config.lam_recon, config.batch_size, strategy,
-                                objective=objective)
-    trainer = training.Trainer(model, optimizer, steps, config, backup, is_chief=is_chief,
-                               weights_model=eval_model, batcher=batcher)
-    trainer.fit(*data)
-    if is_chief:
-        path = Path(config.save_dir) / "trained_model.weights.h5"
-        saving.save_weights(eval_model, path)
-        print(f"Trained model saved to '{path}'")
-        utils.plot_log(Path(config.save_dir) / "log.csv", show=False)
-    backup.remove()
-
-
-# ---------------------------------------------------------------------------------------------
-# Testing
-# ---------------------------------------------------------------------------------------------
-
-
-def test(model: keras.Model, data: tuple[np.ndarray, np.ndarray], batch_size: int = 100,
-         save_dir: str | os.PathLike = "./result") -> float:
-    """Prints the test accuracy of `model` (the eval model) and writes `save_dir/real_and_recon.png`:
-    the first 50 test images in the top five rows, their reconstructions below.
-
-    Args:
-        data: `(x_test [n, rows, cols, channels], y_test [n, n_class])`.
-
-    Returns:
-        the accuracy.
-    """
-    x_test, y_test = data
-    y_pred, x_recon = model.predict(x_test, batch_size=batch_size, verbose=0)
-    accuracy = float(np.mean(np.argmax(y_pred, 1) == np.argmax(y_test, 1)))
-    print("-" * 30 + "Begin: test" + "-" * 30)
-    print(f"Test acc: {accuracy:.4f}")
-    image = utils.combine_images(np.concatenate([x_test[:50], x_recon[:50]]))
-    path = Path(save_dir) / "real_and_recon.png"
-    utils.save_image(image, path)
-    print(f"Reconstructed images are saved to {path}")
-    print("-" * 30 + "End: test" + "-" * 30)
-    return accuracy
-
-
-def test_two_digits(eval_model: keras.Model, pairs: Any, batch_size: int = 100,
-                    save_dir: str | os.PathLike = "./result") -> dict[str, float]:
-    """MultiMNIST's test: prints both metrics and writes `real_and_recon.png` as the paper's Figure 5.
-
-    An image counts as right only if its two longest capsules are exactly its two digits (the official
-    code's metric); "at least one" is also printed. The picture shows 50 overlaid inputs, then each one's
-    two predicted digits decoded from their own capsules, drawn in red and green over each other.
-
-    Args:
-        eval_model: `x -> [lengths, reconstruction]` for 36x36 inputs.
-        pairs: `multimnist.Pairs`, the test set.
-
-    Returns:
-        `{"both": ..., "at_least_one": ..., "error": ...}`.
-    """
-    lengths, _ = eval_model.predict(pairs.x, batch_size=batch_size, verbose=0)
-    scores = multimnist.accuracy(lengths, pairs.y)
-    print("-" * 30 + "Begin: test" + "-" * 30)
-    print(f"Test acc: {scores['both']:.4f} (both digits right; MultiMNIST error {scores['error']:.2%})")
-    print(f"Test acc, at least one digit right: {scores['at_least_one']:.4f}")
-    shown = pairs.take(slice(0, 50))
-    top2 = multimnist.two_longest(lengths[:50])
-    eye = np.eye(lengths.shape[1], dtype="float32")
-    decoder = eval_model.get_layer("decoder")
-    # Called directly, not with `predict`: a model built per call would make `predict` trace anew.
-    encoder = keras.Model(eval_model.inputs[0], eval_model.get_layer("digitcaps").output)
-    capsules = np.asarray(encoder(shown.x, training=False))  # [50, n_class, 16]
-    recons = [np.asarray(decoder((capsules * eye[top2[:, k]][:, :, None]).reshape(len(capsules), -1),
-                                 training=False)) for k in (0, 1)]
-    path = Path(save_dir) / "real_and_recon.png"
-    utils.save_image(multimnist.overlay_image(shown.x, *recons), path)
-    print(f"Reconstructed images are saved to {path}")
-    print("-" * 30 + "End: test" + "-" * 30)
-    return scores
-
-
-def pick_sample(y_test: np.ndarray, digit: int, rng: np.random.Generator | None = None) -> int:
-    """The index of a random test sample of class `digit`; every one of them can be picked.
-
-    Raises:
-        UserError: the test set has no sample of that class.
-    """
-    candidates = np.flatnonzero(np.argmax(y_test, 1) == digit)
-    if len(candidates) == 0:
-        raise UserError(f"--digit {digit}: the test set holds no sample of that class")
-    return int(candidates[(rng or np.random.default_rng()).integers(len(candidates))])
-
-
-def perturbation_grid(n_class: int) -> np.ndarray:
-    """The noise added to the capsules, `[16 * 11, n_class, 16]`: row `dim * 11 + k` adds
-    `PERTURBATIONS[k]` to dimension `dim` of every capsule."""
-    noise = np.zeros((CAPSULE_DIM, len(PERTURBATIONS), n_class, CAPSULE_DIM), dtype="float32")
-    for dim in range(CAPSULE_DIM):
-        noise[dim, :, :, dim] = PERTURBATIONS[:, None]
-    return noise.reshape(-1, n_class, CAPSULE_DIM)
-
-
-def manipulate_latent(model: keras.Model, data: tuple[np.ndarray, np.ndarray], digit: int = 5,
-                      save_dir: str | os.PathLike = "./result", rng: np.random.Generator | None = None
-                      ) -> np.ndarray:
-    """Writes `save_dir/manipulate-{digit}.png`: one test sample of `digit` decoded with each of its 16
-    capsule dimensions shifted by -0.25, -0.2, ..., 0.25 (rows: dimensions, columns: shifts).
-
-    Computes what `model` (the manipulate model) would for the 176 noised copies, but encodes the
-    sample once and decodes the 176 masked capsules in one batch: the encoder is 99% of the
-    FLOPs, and this was measured ~20x faster than one predict of 176 (bench/RESULTS.md).
-
-    Returns:
-        the reconstructions, `[16 * 11, rows, cols, channels]`.
-    """
-    print("-" * 30 + "Begin: manipulate" + "-" * 30)
-    x_test, y_test = data
-    index = pick_sample(y_test, digit, rng)
-    noise = perturbation_grid(y_test.shape[1])
-    encoder = keras.Model(model.inputs[0], model.get_layer("digitcaps").output)
-    # Called directly, not with `predict`: the encoder is built per call and `predict` would trace it
-    # anew every time (TensorFlow warns of retracing after a few calls, e.g. one grid per class).
-    capsules = np.asarray(encoder(x_test[index : index + 1], training=False))  # [1, n_class, 16]
-    masked = (capsules + noise) * y_test[index][None, :, None]  # keep the label's capsule
-    decoder = model.get_layer("decoder")
-    x_recons = np.asarray(decoder(masked.reshape(len(noise), -1).astype("float32"), training=False))
-    image = utils.combine_images(x_recons, height=CAPSULE_DIM)
-    path = Path(save_dir) / f"manipulate-{digit}.png"
-    utils.save_image(image, path)
-    print(f"manipulated result saved to {path}")
-    print("-" * 30 + "End: manipulate" + "-" * 30)
-    return x_recons
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
+# Flags
 # ---------------------------------------------------------------------------------------------
 
 
@@ -444,15 +222,37 @@ def setup(args: argparse.Namespace) -> tuple[utils.Dataset, list[str]]:
     image_size = tuple(args.image_size) if args.image_size else None
     try:
         data, class_names = utils.load_labelled_dataset(args.dataset, image_size=image_size, seed=args.seed)
-    except utils.DataError as e:
+    except DataError as e:
         raise UserError(str(e)) from e
     check_data(args, data)
     return data, class_names
 
 
+def train_config(args: argparse.Namespace) -> training.TrainConfig:
+    """What the training loop reads, from the flags of the same names."""
+    return training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                lr_decay=args.lr_decay, lam_recon=args.lam_recon,
+                                shift_fraction=args.shift_fraction, seed=args.seed,
+                                save_dir=args.save_dir, debug=args.debug)
+
+
+def input_shape(args: argparse.Namespace, x_train: np.ndarray) -> tuple[int, int, int]:
+    """The model's `(rows, cols, channels)`: the data's, or with `--multimnist` each digit padded by
+    `multimnist.PAD` on every side."""
+    rows, cols, channels = (int(d) for d in x_train.shape[1:])
+    if args.multimnist:
+        rows, cols = rows + 2 * multimnist.PAD, cols + 2 * multimnist.PAD
+    return rows, cols, channels
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------------------------
+
+
 def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, backup_dir: str | None = None,
         on_model: Callable[[keras.Model], None] | None = None) -> None:
-    """Trains, or with `-t` tests: the body of both scripts, after their flags were validated.
+    """The body of both scripts, after their flags were validated: runs the mode the flags ask for.
 
     Args:
         args: the parsed flags.
@@ -461,47 +261,68 @@ def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, b
         backup_dir: this process' backup folder (default `save_dir/backup`).
         on_model: called on the chief with the train model once it is built (e.g. to draw `model.png`).
     """
-    if args.predict is not None or args.export is not None:
-        use_trained_model(args)
+    if args.predict is not None or args.export is not None:  # both may be asked for at once
+        eval_model, class_names = load_trained_model(args)
+        if args.export is not None:
+            run_export(args, eval_model)
+        if args.predict is not None:
+            run_predict(args, eval_model, class_names)
         return
+    # A new mode (`--explore`) joins here as `if args.explore: run_explore(args); return`, its `run_explore`
+    # beside the others: it reads its flags, loads what it needs (`setup`, `load_trained_model`) and
+    # calls its module with plain values.
     data, class_names = setup(args)
-    (x_train, y_train), (x_test, y_test) = data
-    config = training.TrainConfig.from_args(args)
-    rows, cols, channels = x_train.shape[1:]
-    if args.multimnist:  # each digit padded by multimnist.PAD on every side
-        rows, cols = rows + 2 * multimnist.PAD, cols + 2 * multimnist.PAD
+    if args.testing:
+        run_test(args, data, is_chief=is_chief, on_model=on_model)
+    else:
+        run_train(args, data, class_names, strategy=strategy, is_chief=is_chief, backup_dir=backup_dir,
+                  on_model=on_model)
+
+
+def run_train(args: argparse.Namespace, data: utils.Dataset, class_names: Sequence[str], strategy: Any = None,
+              is_chief: bool = True, backup_dir: str | None = None,
+              on_model: Callable[[keras.Model], None] | None = None) -> None:
+    """Trains a CapsNet on `data` (`--multimnist`: on pairs of its digits), resuming a backed-up run.
+
+    Writes into `--save_dir` what `training.train` writes, then (the chief) `trained_model.keras` and
+    `class_names.json`.
+    """
+    config = train_config(args)
+    (x_train, y_train), _ = data
     # The optimizer too is made under the strategy: its variables are mirrored like the weights.
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         optimizer = training.make_optimizer(config.lr, config.lr_decay,
                                             training.steps_per_epoch(len(x_train), config.batch_size))
-        model, eval_model, manipulate_model = CapsNet((rows, cols, channels), y_train.shape[1], args.routings)
+        model, eval_model, _ = CapsNet(input_shape(args, x_train), y_train.shape[1], args.routings)
         compile_like_original(model, optimizer, config.lam_recon)
         train_model = two_digit_train_model(model) if args.multimnist else model
+    _show_and_load(args, model, is_chief, on_model)
+    warn_if_slow_backend()
+    flags = {k: getattr(args, k) for k in RESUME_FLAGS}
+    if args.multimnist:  # only then: backups of single-digit runs made before this flag still resume
+        flags.update(multimnist=True, multimnist_test_pairs=args.multimnist_test_pairs)
+    backup = Backup(backup_dir or Path(args.save_dir) / BACKUP_DIR, flags=flags)
+    objective, batcher = ((losses.TWO_DIGITS, multimnist.PairBatcher(config.batch_size,
+                                                                     args.multimnist_test_pairs))
+                          if args.multimnist else (losses.ONE_DIGIT, None))
+    training.train(train_model, eval_model, optimizer, data, config, backup, strategy=strategy,
+                   is_chief=is_chief, objective=objective, batcher=batcher)
     if is_chief:
-        model.summary()
-        if on_model is not None:
-            on_model(model)
-    if args.weights is not None:
-        print(f"Loaded weights from {saving.load_weights(model, args.weights)}")
-    if not args.testing:
-        warn_if_slow_backend()
-        flags = {k: getattr(args, k) for k in RESUME_FLAGS}
-        if args.multimnist:  # only then: backups of single-digit runs made before this flag still resume
-            flags.update(multimnist=True, multimnist_test_pairs=args.multimnist_test_pairs)
-        backup = Backup(backup_dir or Path(args.save_dir) / BACKUP_DIR, flags=flags)
-        objective, batcher = ((losses.TWO_DIGITS, multimnist.PairBatcher(config.batch_size,
-                                                                         args.multimnist_test_pairs))
-                              if args.multimnist else (losses.ONE_DIGIT, None))
-        train(train_model, eval_model, optimizer, data, config, backup, strategy=strategy,
-              is_chief=is_chief, objective=objective, batcher=batcher)
-        if is_chief:
-            saving.save_model(eval_model, Path(args.save_dir) / "trained_model.keras")
-            image_folder.save_class_names(Path(args.save_dir) / image_folder.DEFAULT_CLASS_NAMES_FILE,
-                                          class_names)
-            print(f"Full model (x -> [lengths, reconstruction]) saved to "
-                  f"'{args.save_dir}/trained_model.keras', its class names to "
-                  f"'{args.save_dir}/{image_folder.DEFAULT_CLASS_NAMES_FILE}'")
-        return
+        saving.save_model(eval_model, Path(args.save_dir) / "trained_model.keras")
+        image_folder.save_class_names(Path(args.save_dir) / image_folder.DEFAULT_CLASS_NAMES_FILE,
+                                      class_names)
+        print(f"Full model (x -> [lengths, reconstruction]) saved to "
+              f"'{args.save_dir}/trained_model.keras', its class names to "
+              f"'{args.save_dir}/{image_folder.DEFAULT_CLASS_NAMES_FILE}'")
+
+
+def run_test(args: argparse.Namespace, data: utils.Dataset, is_chief: bool = True,
+             on_model: Callable[[keras.Model], None] | None = None) -> None:
+    """`-t`: the model of `-w` (random weights without it) on the test set of `data` (`--multimnist`:
+    on its test pairs): the manipulation plot of `--digit`, then the test accuracy and picture."""
+    (x_train, y_train), (x_test, y_test) = data
+    model, eval_model, manipulate_model = CapsNet(input_shape(args, x_train), y_train.shape[1], args.routings)
+    _show_and_load(args, model, is_chief, on_model)
     if args.weights is None:
         print("No weights are provided. Will test using random initialized weights.")
     if not is_chief:
@@ -516,25 +337,36 @@ def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, b
         test(eval_model, (x_test, y_test), args.batch_size, args.save_dir)
 
 
-def use_trained_model(args: argparse.Namespace) -> None:
-    """`--predict` and `--export`: the eval model of `-w`, used on new images or exported.
+def run_predict(args: argparse.Namespace, eval_model: keras.Model, class_names: Sequence[str]) -> None:
+    """`--predict`: classifies the images of `--predict` with the eval model of `-w`.
+
+    Raises:
+        UserError: any image could not be read (after predicting all the others).
+    """
+    try:
+        deploy.predict_images(eval_model, args.predict, class_names, invert=args.invert,
+                              save_dir=args.save_dir, batch_size=args.batch_size)
+    except DataError as e:
+        raise UserError(str(e)) from e
+
+
+def run_export(args: argparse.Namespace, eval_model: keras.Model) -> None:
+    """`--export`: writes the eval model of `-w` into `--save_dir` in the format `--export` names."""
+    deploy.export_model(eval_model, args.export, args.save_dir)
+
+
+def load_trained_model(args: argparse.Namespace) -> tuple[keras.Model, list[str]]:
+    """The eval model of `-w` and its class names, for `--predict` and `--export`.
 
     A `.keras` file holds the whole model; a weights file is loaded into a model built for `--dataset`
     (as `-t` does). Class names come from `class_names.json` beside the `-w` file, else the dataset.
 
     Raises:
-        UserError: a file cannot be loaded or exported; `--predict` also when any image could not be
-            read (after predicting all the others).
+        UserError: the file cannot be loaded, or `class_names.json` is malformed.
     """
     try:
-        eval_model, class_names = deploy.load_eval_model(
-            args.weights, build=lambda: _eval_model_for_dataset(args))
-        if args.export is not None:
-            deploy.export_model(eval_model, args.export, args.save_dir)
-        if args.predict is not None:
-            deploy.predict_images(eval_model, args.predict, class_names, invert=args.invert,
-                                  save_dir=args.save_dir, batch_size=args.batch_size)
-    except utils.DataError as e:
+        return deploy.load_eval_model(args.weights, build=lambda: _eval_model_for_dataset(args))
+    except DataError as e:
         raise UserError(str(e)) from e
 
 
@@ -545,6 +377,17 @@ def _eval_model_for_dataset(args: argparse.Namespace) -> tuple[keras.Model, list
     model, eval_model, _ = CapsNet(x_train.shape[1:], y_train.shape[1], args.routings)
     print(f"Loaded weights from {saving.load_weights(model, args.weights)}")
     return eval_model, class_names
+
+
+def _show_and_load(args: argparse.Namespace, model: keras.Model, is_chief: bool,
+                   on_model: Callable[[keras.Model], None] | None) -> None:
+    """Prints the train model's summary and hands it to `on_model` (the chief), then loads `-w` into it."""
+    if is_chief:
+        model.summary()
+        if on_model is not None:
+            on_model(model)
+    if args.weights is not None:
+        print(f"Loaded weights from {saving.load_weights(model, args.weights)}")
 
 
 def warn_if_slow_backend() -> None:

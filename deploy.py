@@ -42,10 +42,12 @@ from typing import Any
 import keras
 import numpy as np
 
+import atomic
 import image_folder
 import saving
 import utils
-from errors import UserError
+from capsnet_model import CapsNet
+from errors import DataError, UserError
 
 EXPORT_FORMATS = ("tf_saved_model", "onnx", "litert")
 # Where each format is written, inside save_dir.
@@ -93,7 +95,7 @@ def load_eval_model(weights: str, build: Callable[[], tuple[keras.Model, list[st
     Raises:
         UserError: the file is unsafe (a `Lambda` layer), unreadable or not a CapsNet eval model, or
             `class_names.json` names another number of classes.
-        utils.DataError: `class_names.json` is malformed.
+        DataError: `class_names.json` is malformed.
     """
     # Read first: a malformed file should fail before a dataset is loaded for `build`.
     names_path = Path(weights).parent / image_folder.DEFAULT_CLASS_NAMES_FILE
@@ -155,13 +157,13 @@ def predict_images(eval_model: keras.Model, paths: Sequence[str | os.PathLike], 
         batch_size: images per `predict` call.
 
     Raises:
-        utils.DataError: after every readable image was predicted and written, if any could not be
+        DataError: after every readable image was predicted and written, if any could not be
             read; or a folder holds no images, or the names do not match the classes.
     """
     rows, cols, channels = (int(d) for d in eval_model.input_shape[1:])
     n_class = int(eval_model.outputs[0].shape[-1])
     if len(class_names) != n_class:
-        raise utils.DataError(f"{len(class_names)} class names for a model of {n_class} classes")
+        raise DataError(f"{len(class_names)} class names for a model of {n_class} classes")
     files = image_folder.expand_prediction_paths(paths)
     table: list[list[Any]] = []
     previews: list[np.ndarray] = []
@@ -173,7 +175,7 @@ def predict_images(eval_model: keras.Model, paths: Sequence[str | os.PathLike], 
                 images.append(image_folder.load_for_prediction(path, size=(rows, cols), channels=channels,
                                                                invert=invert))
                 readable.append(path)
-            except utils.DataError as e:  # its message starts with the path
+            except DataError as e:  # its message starts with the path
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 failed += 1
         if not images:
@@ -190,7 +192,7 @@ def predict_images(eval_model: keras.Model, paths: Sequence[str | os.PathLike], 
     if table:
         _write_predictions(table, previews, class_names, Path(save_dir))
     if failed:
-        raise utils.DataError(f"{failed} of {len(files)} image(s) could not be read (named above)")
+        raise DataError(f"{failed} of {len(files)} image(s) could not be read (named above)")
 
 
 def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
@@ -204,7 +206,7 @@ def _write_predictions(table: list[list[Any]], previews: list[np.ndarray], class
 
     columns = ["path", "class", "class_name", *(f"length_{name}" for name in class_names)]
     csv_path = save_dir / PREDICTIONS_CSV
-    with utils.atomic_path(csv_path) as tmp:
+    with atomic.atomic_path(csv_path) as tmp:
         pd.DataFrame(table, columns=columns).to_csv(tmp, index=False)
     png_path = save_dir / PREDICTIONS_PNG
     utils.save_image(utils.combine_images(np.stack(previews)), png_path)
@@ -249,7 +251,7 @@ def export_model(eval_model: keras.Model, fmt: str, save_dir: str | os.PathLike)
         if fmt == "tf_saved_model":
             _write_folder_atomically(target, lambda tmp: _export(model, fmt, tmp))
         else:
-            with utils.atomic_path(target) as tmp:
+            with atomic.atomic_path(target) as tmp:
                 _export(model, fmt, tmp)
     except (UserError, OSError):
         raise
@@ -318,8 +320,6 @@ def _float32_copy(eval_model: keras.Model) -> keras.Model:
     A `--mixed_precision` model computes its convolutions and decoder in bfloat16; an export must be
     float32 (Keras' ONNX export accepts float32 only, and serving runtimes expect it).
     """
-    import capsulenet  # here, not at the top: capsulenet imports this module
-
     try:
         capsules = eval_model.get_layer("digitcaps")
     except ValueError as e:
@@ -327,8 +327,8 @@ def _float32_copy(eval_model: keras.Model) -> keras.Model:
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
-        _, float_model, _ = capsulenet.CapsNet(eval_model.input_shape[1:], capsules.num_capsule,
-                                               capsules.get_config()["routings"])
+        _, float_model, _ = CapsNet(eval_model.input_shape[1:], capsules.num_capsule,
+                                    capsules.get_config()["routings"])
     finally:
         keras.mixed_precision.set_global_policy(previous)
     for layer in float_model.layers:

@@ -8,6 +8,13 @@ EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 
+class DataError(ValueError):
+    """A dataset, image or class-names file that cannot be used; the message says why and what to do.
+
+    Raised by the data modules (`utils`, `image_folder`); the command line reports it as a `UserError`.
+    """
+
+
 class UserError(Exception):
     """A problem with the user's flags or files: printed as one line, exit code 2."""
 

@@ -37,7 +37,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from utils import DataError, Dataset, write_text_atomic
+from atomic import write_text_atomic
+from errors import DataError
+
+# `utils.Dataset`, spelled out here: `utils.load_labelled_dataset` reads image folders through this
+# module, which therefore does not import it.
+Dataset = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 # Lower-case suffixes of the files that are read as images; anything else in the folders (README.txt,
 # .DS_Store, labels.csv) is ignored. Compared case-insensitively, so IMG_001.JPG counts.

@@ -8,7 +8,7 @@
 - a missing `NAME.h5` falls back to `NAME.weights.h5`, so that the original's
   `-w result/trained_model.h5` keeps working.
 
-Every writer goes through a temporary file and a rename (`utils.atomic_path`): a crash or a full disk
+Every writer goes through a temporary file and a rename (`atomic.atomic_path`): a crash or a full disk
 never leaves a truncated file where a good one was.
 """
 
@@ -24,8 +24,8 @@ import zipfile
 import keras
 import numpy as np
 
+import atomic
 import capsulelayers  # noqa: F401 - registers the layers that .keras files name
-import utils
 from errors import UserError
 
 
@@ -161,17 +161,17 @@ def save_weights(model: keras.Model, path: str | os.PathLike) -> None:
     """`model.save_weights`, through a temporary file and a rename.
 
     Raises:
-        OSError: naming `path`, e.g. the disk is full (checked first: see `utils.check_free_space`).
+        OSError: naming `path`, e.g. the disk is full (checked first: see `atomic.check_free_space`).
     """
-    utils.check_free_space(path, _weight_bytes(model))
-    with utils.atomic_path(path) as tmp:
+    atomic.check_free_space(path, _weight_bytes(model))
+    with atomic.atomic_path(path) as tmp:
         model.save_weights(tmp)
 
 
 def save_model(model: keras.Model, path: str | os.PathLike) -> None:
     """`model.save` (`.keras`), through a temporary file and a rename; see `save_weights`."""
-    utils.check_free_space(path, _weight_bytes(model))
-    with utils.atomic_path(path) as tmp:
+    atomic.check_free_space(path, _weight_bytes(model))
+    with atomic.atomic_path(path) as tmp:
         model.save(tmp)
 
 

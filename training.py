@@ -1,4 +1,4 @@
-"""Training CapsNet: the configuration, the optimizer, the batches and the epoch loop.
+"""Training CapsNet: the configuration, the optimizer, the batches, the epoch loop and `train`.
 
 One loop serves every way this project trains (`capsulenet.py` on one device,
 `capsulenet-multi-gpu.py` on several devices or machines, TensorFlow or JAX): each epoch it trains on
@@ -13,11 +13,13 @@ Usage::
     steps = backends.make_steps(train_model, optimizer, config.lam_recon, config.batch_size)
     trainer = Trainer(train_model, optimizer, steps, config, Backup("result/backup"))
     log = trainer.fit((x_train, y_train), (x_test, y_test))
+
+    # or all of it, then the final weights and log.png, as the command line does:
+    train(train_model, eval_model, optimizer, data, config, Backup("result/backup"))
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import queue
 import threading
@@ -29,6 +31,9 @@ from typing import Any
 import keras
 import numpy as np
 
+import atomic
+import backends
+import losses
 import saving
 import utils
 from backup import Backup, RunState
@@ -40,7 +45,7 @@ SUMS = ("loss", "capsnet_loss", "decoder_loss", "capsnet_accuracy")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The flags training reads, built once from the command line (`from_args`)."""
+    """What training reads: the command line builds it once from its flags (`capsulenet.train_config`)."""
 
     epochs: int = 50
     batch_size: int = 100  # global: split across the replicas of a data-parallel run
@@ -51,11 +56,6 @@ class TrainConfig:
     seed: int = 0
     save_dir: str = "./result"
     debug: bool = False  # TensorBoard logs
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
-        """The fields of this class taken from parsed flags of the same names."""
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ class Trainer:
             return state
         # Order matters for a crash between two writes: the log first (resume trims it back to the
         # backup's epoch), then the best checkpoint, then the backup that makes the epoch final.
-        utils.write_text_atomic(self.save_dir / "log.csv", log.to_csv(index=False))
+        atomic.write_text_atomic(self.save_dir / "log.csv", log.to_csv(index=False))
         accuracy = row["val_capsnet_accuracy"]
         best = None
         if accuracy > state.best:
@@ -410,3 +410,25 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     """Full batches per epoch (at least one, so that the learning-rate schedule is defined)."""
     return max(1, n_train // batch_size)
 
+
+def train(model: keras.Model, eval_model: keras.Model, optimizer: Any, data: utils.Dataset,
+          config: TrainConfig, backup: Backup, strategy: Any = None, is_chief: bool = True,
+          objective: losses.Objective = losses.ONE_DIGIT, batcher: Any = None) -> None:
+    """Trains `model` (the train model) on `data`, validating on the test set every epoch.
+
+    Writes to `config.save_dir`: `log.csv`, `weights-{epoch:02d}.weights.h5` (best on validation
+    accuracy), `trained_model.weights.h5` and `log.png` (the chief only), and removes the backup once
+    the run is complete. MultiMNIST passes its `objective` and `batcher` (`losses.TWO_DIGITS`,
+    `multimnist.PairBatcher`) with the two-digit train model.
+    """
+    steps = backends.make_steps(model, optimizer, config.lam_recon, config.batch_size, strategy,
+                                objective=objective)
+    trainer = Trainer(model, optimizer, steps, config, backup, is_chief=is_chief,
+                      weights_model=eval_model, batcher=batcher)
+    trainer.fit(*data)
+    if is_chief:
+        path = Path(config.save_dir) / "trained_model.weights.h5"
+        saving.save_weights(eval_model, path)
+        print(f"Trained model saved to '{path}'")
+        utils.plot_log(Path(config.save_dir) / "log.csv", show=False)
+    backup.remove()

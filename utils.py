@@ -1,26 +1,27 @@
-"""Data, images, plots and safe file writing for CapsNet-Keras.
+"""Datasets, images and plots for CapsNet-Keras.
 
 Data arrive as `x` float32 `[n, rows, cols, channels]` in [0, 1] and `y` one-hot float32
-`[n, n_class]`, from `keras.datasets` (`mnist`, `fashion_mnist`) or from local files, so the same
-command line runs offline.
+`[n, n_class]`, from `keras.datasets` (`mnist`, `fashion_mnist`, `cifar10`) or from local files (IDX
+folders, `.npz`, and folders of images, which `image_folder.py` reads), so the same command line runs
+offline. `load_labelled_dataset` is the one entry point: it tells the sources apart and checks the
+arrays. Files are written whole or not at all (`atomic.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import math
 import os
-import re
-import shutil
 import struct
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from atomic import atomic_path, check_free_space, write_text_atomic  # noqa: F401 - also used as utils.*
+from errors import DataError
 
 IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -41,53 +42,9 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 Dataset = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-class DataError(ValueError):
-    """A dataset that cannot be used; the message says why and what to do."""
-
-
 # ---------------------------------------------------------------------------------------------
-# Safe writing
+# Native output
 # ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds.
-
-    A crash or an exception while writing never leaves a truncated file where a good one was.
-    The temporary name keeps the suffix (`.weights.h5`, `.keras`, `.png`) that writers check.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem.split('.')[0]}-", suffix="".join(path.suffixes),
-                               dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # writers such as h5py refuse to overwrite some existing files
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.filename:
-            raise
-        # Some writers (h5py) raise without a file name, the errno only inside the message: name the
-        # file the user asked for, so that the CLI's one line says which file failed and why.
-        found = re.search(r"errno = (\d+)", str(e))
-        code = e.errno or (int(found.group(1)) if found else 0)
-        raise OSError(code, os.strerror(code) if code else str(e).splitlines()[0], str(path)) from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def check_free_space(path: str | os.PathLike, needed_bytes: int) -> None:
-    """Raises `OSError(ENOSPC)` naming `path` when its folder has less than `needed_bytes` free.
-
-    Checked before writers that crash rather than fail on a full disk: h5py was seen to die with a
-    segmentation fault when the disk filled in the middle of `save_weights`.
-    """
-    free = shutil.disk_usage(Path(path).parent).free
-    if free < needed_bytes:
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free, "
-                                    f"about {needed_bytes} needed)", str(path))
 
 
 @contextlib.contextmanager
@@ -107,14 +64,6 @@ def native_stderr_quiet() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +224,7 @@ def load_labelled_dataset(spec: str = "mnist", image_size: tuple[int, int] | Non
     Raises:
         DataError: the data cannot be found, read or used; the message says why.
     """
-    import image_folder
+    import image_folder  # here, not at the top: Pillow is needed for folders of images only
 
     path = Path(spec).expanduser()
     if image_folder.is_image_folder(path):
