@@ -16,6 +16,7 @@ Without Chromium the browser tests skip, unless `CI` is set (`.ci/run` installs 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ HOSTILE_NAME = "</script><img src=x onerror=window.hacked=1>"
 
 
 @pytest.fixture(scope="module")
-def browser() -> Chromium:
+def browser() -> Iterator[Chromium]:
     if find_chromium() is None:
         missing = "headless Chromium not found (apt-get install -y chromium)"
         if os.environ.get("CI"):  # .ci/run installs it: its absence is a broken CI, not a reason to skip
