@@ -71,7 +71,8 @@ def keras_capsules(eval_model, x: np.ndarray) -> np.ndarray:
     return np.asarray(encoder.predict(x, verbose=0))
 
 
-def keras_decode(eval_model, capsule: np.ndarray, cls: int, offsets: list[float] | None = None) -> np.ndarray:
+def keras_decode(eval_model, capsule: np.ndarray, cls: int, offsets: list[float] | None = None
+                 ) -> np.ndarray:
     """The Keras decoder's output `[pixels]` for one capsule `[16]` (+ offsets) of class `cls`, the
     other nine masked to zero."""
     masked = np.zeros((1, 10, 16), np.float32)
@@ -101,9 +102,10 @@ def assert_page_matches(browser: Chromium, eval_model, capsules: np.ndarray) -> 
     for got, want in zip(page, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
     drawn = page_pixels(browser, "recon-canvas")
-    if len(expected) == 1:
-        for channel in range(3):
-            np.testing.assert_allclose(drawn[:, channel], as_bytes(expected[0]), rtol=0, atol=1)
+    if len(expected) == 1:  # gray: one channel into R, G and B; colour: each its own
+        channels = expected[0].reshape(len(drawn), -1)
+        np.testing.assert_allclose(drawn[:, :3], np.broadcast_to(as_bytes(channels), (len(drawn), 3)),
+                                   rtol=0, atol=1)
     else:
         np.testing.assert_allclose(drawn[:, 0], as_bytes(expected[0]), rtol=0, atol=1)
         np.testing.assert_allclose(drawn[:, 1], as_bytes(expected[1]), rtol=0, atol=1)
@@ -237,6 +239,23 @@ def test_two_digit_page_draws_both_capsules_red_and_green(browser: Chromium, tmp
     move_slider(browser, 1, 5, "ArrowLeft", 37, times=10)  # the green digit's dimension 5, -0.1
     offsets = browser.evaluate("explorer.state()")["offsets"]
     assert offsets[0] == [0] * 16 and offsets[1][5] == pytest.approx(-0.1)
+    assert_page_matches(browser, eval_model, capsules)
+    assert browser.errors() == []
+
+
+def test_colour_page_draws_each_channel(browser: Chromium, tmp_path: Path) -> None:
+    """32x32 RGB images (CIFAR-10's shape): the decoder's 3,072 outputs are drawn as R, G and B."""
+    eval_model = lively_model((32, 32, 3), seed=5)
+    (_, _), (x, y) = synthetic_raw(0, 10, size=32, channels=3, seed=6)
+    x = x.astype(np.float32) / 255
+    path = explore.write_explorer(eval_model, x, y, [str(k) for k in range(10)], tmp_path / "e.html",
+                                  n_per_class=1)
+    capsules = keras_capsules(eval_model, x)
+    browser.open(path)
+    assert browser.errors() == []
+    shown = page_pixels(browser, "input-canvas")[:, :3]
+    assert shown.tolist() == as_bytes(x[0].reshape(-1, 3)).tolist()
+    move_slider(browser, 0, 9, "ArrowLeft", 37, times=3)
     assert_page_matches(browser, eval_model, capsules)
     assert browser.errors() == []
 
