@@ -275,3 +275,8 @@ def test_cli_writes_the_page_with_t_and_refuses_it_without(tmp_path: Path, capsy
     page = (tmp_path / "out" / "explore.html").read_text()
     assert "d.npz: test images, random weights (no -w)" in page and "__EXPLORER_DATA__" not in page
     assert "Capsule explorer saved to" in capsys.readouterr().out
+    # MultiMNIST: the pairs and both digits' labels reach the page.
+    assert capsulenet.main(["-t", *flags, "--multimnist", "--multimnist_test_pairs", "1",
+                            "--save_dir", str(tmp_path / "mm")]) == 0
+    page = (tmp_path / "mm" / "explore.html").read_text()
+    assert '"two_digits":true' in page and '"image_shape":[36,36,1]' in page
