@@ -42,6 +42,7 @@ with utils.native_stderr_quiet():
 
 import deploy  # noqa: E402
 import errors  # noqa: E402
+import explore  # noqa: E402
 import image_folder  # noqa: E402
 import losses  # noqa: E402
 import multimnist  # noqa: E402
@@ -128,6 +129,9 @@ def build_parser(description: str = "Capsule Network on MNIST.", batch_size: int
     parser.add_argument("--export", choices=deploy.EXPORT_FORMATS, default=None,
                         help="With -w: export the eval model (x -> [capsule lengths, reconstruction]) "
                              "for serving, into save_dir")
+    parser.add_argument("--explore", action="store_true",
+                        help="With -t: also write save_dir/explore.html, one page (no server needed) with "
+                             "sliders for each test image's capsule and its reconstruction redrawn live")
     return parser
 
 
@@ -167,6 +171,8 @@ def validate_args(args: argparse.Namespace, extra: Sequence[tuple[str, bool, str
     for flag, used in (("--predict", args.predict is not None), ("--export", args.export is not None)):
         if used and args.weights is None:
             raise UserError(f"{flag}: needs the trained model, -w FILE (e.g. -w result/trained_model.keras)")
+    if args.explore and not args.testing:
+        raise UserError("--explore: draws a tested model's capsules; add -t (and -w FILE)")
     if args.weights is not None and not os.path.isfile(saving.resolve_weights_path(args.weights)):
         raise UserError(f"-w {args.weights}: no such file")
     if args.debug and not args.testing:
@@ -335,6 +341,9 @@ def run_test(args: argparse.Namespace, data: utils.Dataset, is_chief: bool = Tru
     else:
         manipulate_latent(manipulate_model, (x_test, y_test), args.digit, args.save_dir)
         test(eval_model, (x_test, y_test), args.batch_size, args.save_dir)
+    if args.explore:
+        shown = (pairs.x, pairs.labels) if args.multimnist else (x_test, np.argmax(y_test, 1))
+        explore.save_explorer(eval_model, *shown, class_names, args.save_dir, args.dataset, args.weights)
 
 
 def run_predict(args: argparse.Namespace, eval_model: keras.Model, class_names: Sequence[str]) -> None:
