@@ -274,12 +274,9 @@ def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, b
         if args.predict is not None:
             run_predict(args, eval_model, class_names)
         return
-    # A new mode (`--explore`) joins here as `if args.explore: run_explore(args); return`, its `run_explore`
-    # beside the others: it reads its flags, loads what it needs (`setup`, `load_trained_model`) and
-    # calls its module with plain values.
     data, class_names = setup(args)
     if args.testing:
-        run_test(args, data, is_chief=is_chief, on_model=on_model)
+        run_test(args, data, class_names, is_chief=is_chief, on_model=on_model)
     else:
         run_train(args, data, class_names, strategy=strategy, is_chief=is_chief, backup_dir=backup_dir,
                   on_model=on_model)
@@ -322,10 +319,11 @@ def run_train(args: argparse.Namespace, data: utils.Dataset, class_names: Sequen
               f"'{args.save_dir}/{image_folder.DEFAULT_CLASS_NAMES_FILE}'")
 
 
-def run_test(args: argparse.Namespace, data: utils.Dataset, is_chief: bool = True,
+def run_test(args: argparse.Namespace, data: utils.Dataset, class_names: Sequence[str], is_chief: bool = True,
              on_model: Callable[[keras.Model], None] | None = None) -> None:
     """`-t`: the model of `-w` (random weights without it) on the test set of `data` (`--multimnist`:
-    on its test pairs): the manipulation plot of `--digit`, then the test accuracy and picture."""
+    on its test pairs): the manipulation plot of `--digit`, then the test accuracy and picture; with
+    `--explore` also the capsule explorer page."""
     (x_train, y_train), (x_test, y_test) = data
     model, eval_model, manipulate_model = CapsNet(input_shape(args, x_train), y_train.shape[1], args.routings)
     _show_and_load(args, model, is_chief, on_model)
