@@ -39,6 +39,7 @@ with utils.native_stderr_quiet():
     import keras
 from keras import layers  # noqa: E402
 
+import autotune  # noqa: E402
 import backends  # noqa: E402
 import deploy  # noqa: E402
 import errors  # noqa: E402
@@ -48,7 +49,7 @@ import multimnist  # noqa: E402
 import saving  # noqa: E402
 import training  # noqa: E402
 from backup import Backup  # noqa: E402
-from capsulelayers import CapsuleLayer, Length, Mask, PrimaryCap  # noqa: E402
+from capsulelayers import CONV_IMPLEMENTATIONS, CapsuleLayer, Length, Mask, PrimaryCap  # noqa: E402
 from errors import TrainingDivergedError, UserError  # noqa: E402
 from losses import margin_loss  # noqa: E402, F401 - the original's public name
 
@@ -331,8 +332,13 @@ def build_parser(description: str = "Capsule Network on MNIST.", batch_size: int
     parser.add_argument("--seed", default=None, type=int,
                         help="Seed Python, NumPy, Keras and the augmentation for a repeatable run "
                              "(default: drawn at random)")
-    parser.add_argument("--mixed_precision", action="store_true",
-                        help="Compute convolutions and the decoder in bfloat16 (capsules stay float32)")
+    parser.add_argument("--mixed_precision", nargs="?", const="auto", default=None, choices=("auto", "force"),
+                        help="Compute convolutions and the decoder in bfloat16 (capsules stay float32) "
+                             "where the device does bfloat16 natively and it measured faster, else say "
+                             "so and train in float32; '--mixed_precision force' uses bfloat16 anyway")
+    parser.add_argument("--conv_implementation", default="auto", choices=CONV_IMPLEMENTATIONS,
+                        help="PrimaryCaps convolution: 'auto' times im2col and the library Conv2D once "
+                             "per machine and keeps the faster (cached, autotune.py)")
     parser.add_argument("--multimnist", action="store_true",
                         help="Train and test on MultiMNIST (paper section 6): pairs of overlapping digits "
                              "of --dataset, 36x36, built on the fly")
@@ -440,7 +446,8 @@ def setup(args: argparse.Namespace) -> tuple[utils.Dataset, list[str]]:
         args.seed = int(np.random.default_rng().integers(2**31))
     keras.utils.set_random_seed(args.seed)
     if args.mixed_precision:
-        keras.mixed_precision.set_global_policy(mixed_precision_policy())
+        policy = autotune.precision_policy(args.mixed_precision, args.batch_size)  # float32 if bf16 is slow
+        keras.mixed_precision.set_global_policy(policy)
     image_size = tuple(args.image_size) if args.image_size else None
     try:
         data, class_names = utils.load_labelled_dataset(args.dataset, image_size=image_size, seed=args.seed)
@@ -483,6 +490,8 @@ def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, b
             on_model(model)
     if args.weights is not None:
         print(f"Loaded weights from {saving.load_weights(model, args.weights)}")
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    autotune.tune_model(model, max(1, config.batch_size // replicas), explicit=args.conv_implementation)
     if not args.testing:
         warn_if_slow_backend()
         flags = {k: getattr(args, k) for k in RESUME_FLAGS}
