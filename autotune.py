@@ -455,10 +455,13 @@ def bfloat16_support() -> Bfloat16Support:
     gpus = accelerators()
     if gpus:
         gpu, capability = gpus[0]["name"], gpus[0]["compute_capability"]
-        with contextlib.suppress(ValueError):
-            if float(capability or 0) >= 8.0:
-                return Bfloat16Support(True, f"{gpu} (compute capability {capability})", True)
-        return Bfloat16Support(False, f"{gpu} (compute capability {capability or '?'}, below 8.0)", True)
+        try:
+            native = float(capability) >= 8.0
+        except ValueError:  # not reported: not refused (bfloat16 is native on every GPU sold since 2020)
+            return Bfloat16Support(True, f"{gpu} (compute capability not reported)", True)
+        if native:
+            return Bfloat16Support(True, f"{gpu} (compute capability {capability})", True)
+        return Bfloat16Support(False, f"{gpu} (compute capability {capability}, below 8.0)", True)
     native = sorted(set(BFLOAT16_CPU_FLAGS) & cpu_flags())
     cpu = cpu_description()["cpu"]
     if native:

@@ -222,6 +222,8 @@ def test_cpu_flags_decide_native_bfloat16(monkeypatch: pytest.MonkeyPatch) -> No
     assert autotune.bfloat16_support().native
     monkeypatch.setattr(autotune, "accelerators", lambda: [{"name": "Tesla T4", "compute_capability": "7.5"}])
     assert autotune.bfloat16_support() == (False, "Tesla T4 (compute capability 7.5, below 8.0)", True)
+    monkeypatch.setattr(autotune, "accelerators", lambda: [{"name": "H100", "compute_capability": "9.0"}])
+    assert autotune.bfloat16_support() == (True, "H100 (compute capability 9.0)", True)
 
 
 @pytest.mark.parametrize("flag, emulated, want", [
