@@ -58,6 +58,8 @@ CANDIDATES = ("im2col", "conv")
 # calls keep a PrimaryCaps decision at batch 100 to a few seconds on 2 CPU cores; the median of three
 # survives one call slowed by other work on a shared machine.
 ROUNDS = 3
+# A candidate this many times slower than another after one round is not timed again.
+CLEAR_MARGIN = 2.0
 # The bfloat16 probe times the PrimaryCaps convolution at no more than this batch: on a CPU that
 # emulates bfloat16 a batch of 100 took 8-14 s per call (AMD EPYC, AVX2), and the ratio is per image.
 PROBE_BATCH = 16
@@ -282,8 +284,10 @@ def conv_step(layer: Any, input_shape: tuple[int, ...], input_grad: bool) -> Cal
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], rounds: int = ROUNDS) -> dict[str, float]:
-    """Median seconds of each function over `rounds` calls, after one untimed call each; the order
-    rotates round after round, so that other work on the machine slows every candidate alike."""
+    """Median seconds of each function over up to `rounds` calls, after one untimed call each; the
+    order rotates round after round, so that other work on the machine slows every candidate alike.
+    Stops early once one is `CLEAR_MARGIN` times slower than another: more calls of a candidate that
+    slow (XLA's CPU convolution backward takes many seconds) would not change the choice."""
     for fn in fns.values():
         fn()
     names = list(fns)
@@ -293,7 +297,10 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], rounds: int = ROUNDS)
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        if max(medians.values()) > CLEAR_MARGIN * min(medians.values()):
+            break
+    return medians
 
 
 def time_conv_candidates(config: dict, input_shape: tuple[int, ...], input_grad: bool = True,

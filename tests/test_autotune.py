@@ -244,3 +244,26 @@ def test_the_cli_flag_goes_through_the_guard(flag: list[str], emulated: bool, wa
     assert keras.mixed_precision.global_policy().name == want
     printed = capsys.readouterr().out
     assert ("7.25x" in printed) == (emulated and flag == ["--mixed_precision"])
+
+
+def test_timing_stops_once_the_choice_is_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Medians over rotated rounds, on a fake clock; a candidate 2x slower after a round is not called
+    again (XLA's CPU convolution backward takes seconds per call), a close race gets every round."""
+    clock = [0.0]
+    calls: dict[str, int] = {}
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock[0])
+
+    def costs(name: str, seconds: list[float]) -> object:
+        def run() -> None:
+            calls[name] = calls.get(name, 0) + 1
+            clock[0] += seconds[min(calls[name], len(seconds)) - 1]
+        return run
+
+    # first call (untimed), then 2.0, 3.0, 1.0 s: median 2.0; never 2x apart after a round
+    close = {"im2col": costs("im2col", [9.0, 2.0, 3.0, 1.0]), "conv": costs("conv", [9.0, 2.5])}
+    assert autotune.interleaved_medians(close, rounds=3) == {"im2col": 2.0, "conv": 2.5}
+    assert calls == {"im2col": 4, "conv": 4}
+    calls.clear()
+    clear = {"im2col": costs("im2col", [9.0, 1.0]), "conv": costs("conv", [9.0, 2.5])}
+    assert autotune.interleaved_medians(clear, rounds=3) == {"im2col": 1.0, "conv": 2.5}
+    assert calls == {"im2col": 2, "conv": 2}
