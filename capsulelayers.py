@@ -457,8 +457,10 @@ def im2col_conv2d(inputs: Any, kernel: Any, strides: tuple[int, int], bias: Any 
 
 
 def im2col_is_default() -> bool:
-    """Whether `Conv2D(implementation="auto")` takes `im2col_conv2d`: when the backend (TensorFlow or
-    JAX) computes on the CPU. On GPUs the library convolution (cuDNN) is kept: not measured there."""
+    """The static rule of `Conv2D(implementation="auto")` where nothing was measured (`autotune`
+    measures it, the command line does): im2col when the backend (TensorFlow or JAX) computes on the
+    CPU, where it was faster on an AVX-512 Xeon (not on every CPU: 0.82x on an AVX2-only AMD EPYC); the
+    library convolution (cuDNN) on GPUs."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -484,9 +486,15 @@ class Conv2D(keras.layers.Conv2D):
     Args:
         implementation: `"im2col"` (`im2col_conv2d`: valid padding, no dilation, one group,
             channels last; inputs of unknown rows or columns fall back to the parent's), `"conv"` (the
-            parent's `ops.conv`) or `"auto"`: im2col where it applies and the backend computes on the
-            CPU (`im2col_is_default`), else the parent's.
+            parent's `ops.conv`) or `"auto"`: what `autotune.tune_model` measured faster on this
+            machine (`tuned_implementation`, set before the layer is traced; the command line does
+            it), else im2col where it applies and the backend computes on the CPU
+            (`im2col_is_default`), else the parent's. The layer itself never times anything.
         **kwargs: those of `keras.layers.Conv2D`.
+
+    Attributes:
+        tuned_implementation: None, or `"im2col"`/`"conv"` chosen for `"auto"` by a measurement. Not
+            part of `get_config`: files say `"auto"` whichever implementation ran.
     """
 
     def __init__(self, *args: Any, implementation: str = "auto", **kwargs: Any) -> None:
@@ -498,6 +506,7 @@ class Conv2D(keras.layers.Conv2D):
             raise ValueError("Conv2D: implementation='im2col' needs padding='valid', dilation_rate=1, "
                              "groups=1 and data_format='channels_last'.")
         self.implementation = implementation
+        self.tuned_implementation: str | None = None
 
     def _im2col_applies(self, inputs: Any = None) -> bool:
         static = inputs is None or all(d is not None for d in inputs.shape[1:])
@@ -505,8 +514,10 @@ class Conv2D(keras.layers.Conv2D):
                 and self.groups == 1 and self.data_format == "channels_last")
 
     def _uses_im2col(self, inputs: Any) -> bool:
-        im2col = self.implementation == "im2col" or (self.implementation == "auto"
-                                                     and im2col_is_default())
+        implementation = self.implementation
+        if implementation == "auto":
+            implementation = self.tuned_implementation or ("im2col" if im2col_is_default() else "conv")
+        im2col = implementation == "im2col"
         return im2col and self._im2col_applies(inputs)
 
     def convolution_op(self, inputs: Any, kernel: Any) -> Any:

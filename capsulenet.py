@@ -40,6 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 with utils.native_stderr_quiet():
     import keras
 
+import autotune  # noqa: E402
 import deploy  # noqa: E402
 import errors  # noqa: E402
 import explore  # noqa: E402
@@ -53,6 +54,7 @@ from backup import Backup  # noqa: E402
 # F401: scripts and tests also reach these as `capsulenet.X` (the original's `CapsNet`, `margin_loss`,
 # `train`, `test`, `manipulate_latent`, and this port's additions); they live in the modules named.
 from capsnet_model import CAPSULE_DIM, CapsNet, compile_like_original, two_digit_train_model  # noqa: E402, F401
+from capsulelayers import CONV_IMPLEMENTATIONS  # noqa: E402
 from errors import DataError, TrainingDivergedError, UserError  # noqa: E402
 from evaluation import (  # noqa: E402, F401
     PERTURBATIONS,
@@ -110,8 +112,13 @@ def build_parser(description: str = "Capsule Network on MNIST.", batch_size: int
     parser.add_argument("--seed", default=None, type=int,
                         help="Seed Python, NumPy, Keras and the augmentation for a repeatable run "
                              "(default: drawn at random)")
-    parser.add_argument("--mixed_precision", action="store_true",
-                        help="Compute convolutions and the decoder in bfloat16 (capsules stay float32)")
+    parser.add_argument("--mixed_precision", nargs="?", const="auto", default=None, choices=("auto", "force"),
+                        help="Compute convolutions and the decoder in bfloat16 (capsules stay float32) "
+                             "where the device does bfloat16 natively and it measured faster, else say "
+                             "so and train in float32; '--mixed_precision force' uses bfloat16 anyway")
+    parser.add_argument("--conv_implementation", default="auto", choices=CONV_IMPLEMENTATIONS,
+                        help="PrimaryCaps convolution: 'auto' times im2col and the library Conv2D once "
+                             "per machine and keeps the faster (cached, autotune.py)")
     parser.add_argument("--multimnist", action="store_true",
                         help="Train and test on MultiMNIST (paper section 6): pairs of overlapping digits "
                              "of --dataset, 36x36, built on the fly")
@@ -224,7 +231,8 @@ def setup(args: argparse.Namespace) -> tuple[utils.Dataset, list[str]]:
         args.seed = int(np.random.default_rng().integers(2**31))
     keras.utils.set_random_seed(args.seed)
     if args.mixed_precision:
-        keras.mixed_precision.set_global_policy(mixed_precision_policy())
+        policy = autotune.precision_policy(args.mixed_precision, args.batch_size)  # float32 if bf16 is slow
+        keras.mixed_precision.set_global_policy(policy)
     image_size = tuple(args.image_size) if args.image_size else None
     try:
         data, class_names = utils.load_labelled_dataset(args.dataset, image_size=image_size, seed=args.seed)
@@ -300,6 +308,8 @@ def run_train(args: argparse.Namespace, data: utils.Dataset, class_names: Sequen
         compile_like_original(model, optimizer, config.lam_recon)
         train_model = two_digit_train_model(model) if args.multimnist else model
     _show_and_load(args, model, is_chief, on_model)
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    autotune.tune_model(model, max(1, config.batch_size // replicas), explicit=args.conv_implementation)
     warn_if_slow_backend()
     flags = {k: getattr(args, k) for k in RESUME_FLAGS}
     if args.multimnist:  # only then: backups of single-digit runs made before this flag still resume
@@ -327,6 +337,7 @@ def run_test(args: argparse.Namespace, data: utils.Dataset, class_names: Sequenc
     (x_train, y_train), (x_test, y_test) = data
     model, eval_model, manipulate_model = CapsNet(input_shape(args, x_train), y_train.shape[1], args.routings)
     _show_and_load(args, model, is_chief, on_model)
+    autotune.tune_model(model, args.batch_size, explicit=args.conv_implementation)
     if args.weights is None:
         print("No weights are provided. Will test using random initialized weights.")
     if not is_chief:

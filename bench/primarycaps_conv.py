@@ -14,19 +14,26 @@ the ratios much more.
 - conv1 (9x9, stride 1, 1 -> 256 channels on the 28x28 image; kernel and bias gradients only, as in
   training) both ways, to show whether im2col pays there too;
 - one training step of the product's train model (`backends.TensorFlowSteps`, Adam, random data) with
-  the PrimaryCaps convolution each way (and in bfloat16 with `--mixed_precision`), interleaved with a
-  checked 4096x4096 fp32 `tf.matmul`, whose rate times the step's FLOPs is the step floor.
+  the PrimaryCaps convolution each way, as the CLI runs it (`autotune.tune_model` choosing, from its
+  cache or timed; the line it prints is the CLI's), and the original formulation's step
+  (bench/original_formulation.py, the same weights), all in float32 (and the product's in bfloat16
+  with `--mixed_precision`), interleaved with a checked 4096x4096 fp32 `tf.matmul`, whose rate times
+  the step's FLOPs is the step floor;
+- with `--onednn`: those steps in two child processes, `TF_ENABLE_ONEDNN_OPTS=1` and `=0` (TensorFlow
+  reads it once, at start-up), side by side.
 
 Usage::
 
     python bench/primarycaps_conv.py                      # batch 100, 5 rounds
     python bench/primarycaps_conv.py --batch_size 100 --rounds 7 --mixed_precision
     python bench/primarycaps_conv.py --no_step            # the convolutions only
+    python bench/primarycaps_conv.py --onednn --rounds 3  # the steps, oneDNN on and off
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -194,6 +201,28 @@ def step_batch(batch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     return x, np.eye(10, dtype=np.float32)[np.arange(batch) % 10]
 
 
+def original_step(x: np.ndarray, y: np.ndarray, weights: list) -> Callable[[], Any]:
+    """One training step of the original formulation (bench/original_formulation.py: tile + `map_fn`
+    u_hat, the library convolutions, automatic differentiation of the routing) through the same
+    `backends.TensorFlowSteps`, from the product's `weights` (copied by layer name)."""
+    import keras
+    import original_formulation as original
+
+    import backends
+    import capsulenet
+    import training
+
+    keras.utils.set_random_seed(0)
+    source, _, _ = capsulenet.CapsNet((28, 28, 1), 10, routings=3)
+    source.set_weights(weights)
+    model, _, _ = original.OriginalCapsNet((28, 28, 1), 10, 3)
+    original.copy_weights(source, model)
+    optimizer = training.make_optimizer(0.001, 0.9, steps_per_epoch=600)
+    steps = backends.TensorFlowSteps(model, optimizer, lam_recon=0.392, batch_size=len(x))
+    steps.build_optimizer()
+    return lambda: steps.train(x, y)
+
+
 def product_step(x: np.ndarray, y: np.ndarray, weights: list | None,
                  configure: Callable[[Any], None] = lambda model: None) -> tuple[Callable[[], Any], list]:
     """One training step of the product's train model (`backends.TensorFlowSteps`, Adam as shipped)
@@ -220,30 +249,49 @@ def product_step(x: np.ndarray, y: np.ndarray, weights: list | None,
     return lambda: steps.train(x, y), weights
 
 
-def training_steps(batch: int, rounds: int, mixed_precision: bool) -> None:
+def training_steps(batch: int, rounds: int, mixed_precision: bool) -> dict[str, float]:
+    """The product's step with each PrimaryCaps convolution, as the CLI runs it (`autotune.tune_model`
+    choosing), and the original formulation's step, interleaved; returns the medians (seconds)."""
     import flops
     import keras
+
+    import autotune
 
     rng = np.random.default_rng(0)
     x, y = step_batch(batch, rng)
     fns: dict[str, Callable[[], Any]] = {}
     weights = None
+    choices: dict[str, str] = {}
     for policy in ("float32", "mixed_bfloat16") if mixed_precision else ("float32",):
         keras.mixed_precision.set_global_policy(policy)
+        short = policy.removeprefix("mixed_")
         for implementation in ("conv", "im2col"):
             def use(model: Any, implementation: str = implementation) -> None:
                 model.get_layer("primarycap_conv2d").implementation = implementation
 
-            fns[f"step {implementation} {policy.removeprefix('mixed_')}"], weights = product_step(
-                x, y, weights, use)
+            fns[f"step {implementation} {short}"], weights = product_step(x, y, weights, use)
+
+        def tune(model: Any, short: str = short) -> None:  # what capsulenet.run does
+            choices[short] = autotune.tune_model(model, batch).get("primarycap_conv2d", "not tuned")
+
+        fns[f"step cli {short}"], weights = product_step(x, y, weights, tune)
     keras.mixed_precision.set_global_policy("float32")
+    fns["step original float32"] = original_step(x, y, weights)
     fns["GEMM 4096 float32"] = square_gemm(4096, rng)
     for fn in fns.values():  # trace and warm up
         fn()
     times = interleave(fns, rounds)
     print(f"Training step (train model, TensorFlowSteps, Adam), batch {batch}, {rounds} interleaved "
-          "rounds:")
-    report(times, {"GEMM 4096 float32": 2 * 4096**3}, reference="step conv float32")
+          f"rounds, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(unset)')}:")
+    report(times, {"GEMM 4096 float32": 2 * 4096**3}, reference="step original float32")
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for short, choice in choices.items():
+        candidates = {k: medians[f"step {k} {short}"] for k in ("conv", "im2col")}
+        best = min(candidates, key=candidates.get)
+        print(f"  autotune chose {choice} ({short}); the faster step here was {best}: the CLI's step is "
+              f"{medians[f'step cli {short}'] / candidates[best]:.2f}x the better candidate's and "
+              f"{medians['step original float32'] / medians[f'step cli {short}']:.2f}x faster than the "
+              "original formulation's float32 step")
     # The step's training FLOPs (analytic; bench.py checks the count on the traced step).
     step_flops = flops.analytic_flops()["train_total"] * batch
     rate = 2 * 4096**3 / statistics.median(times["GEMM 4096 float32"])
@@ -257,6 +305,32 @@ def training_steps(batch: int, rounds: int, mixed_precision: bool) -> None:
     for name, values in times.items():
         if name.startswith("step"):
             print(f"  {name:28s} {statistics.median(values) / floor:5.2f}x the fp32 step floor")
+    return medians
+
+
+def onednn_steps(argv: list[str], rounds: int) -> None:
+    """The training steps in one child process per `TF_ENABLE_ONEDNN_OPTS` setting (read when
+    TensorFlow starts, so it cannot change inside one process), then the two side by side."""
+    import subprocess
+    import tempfile
+
+    results = {}
+    for setting in ("1", "0"):
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": setting}
+            print(f"--- child process, TF_ENABLE_ONEDNN_OPTS={setting} ---", flush=True)
+            subprocess.run([sys.executable, __file__, *argv, "--no_convolutions", "--step_json", out.name],
+                           env=env, check=True)
+            results[setting] = json.loads(Path(out.name).read_text())
+    # The children run one after the other: on a shared machine the load can change between them, so
+    # each step is also given in units of its own child's 4096x4096 GEMM (which oneDNN also runs).
+    print(f"oneDNN on vs off (one child each, {rounds} rounds each; medians; 'x GEMM': the step over "
+          "the same child's 4096 GEMM):")
+    gemm = {k: v["GEMM 4096 float32"] for k, v in results.items()}
+    for name in results["1"]:
+        on, off = results["1"][name], results["0"].get(name, float("nan"))
+        print(f"  {name:28s} on {on * 1e3:8.1f} ms ({on / gemm['1']:5.2f}x GEMM)   off {off * 1e3:8.1f} ms "
+              f"({off / gemm['0']:5.2f}x GEMM)   off/on {off / on:5.2f}x")
 
 
 def square_gemm(n: int, rng: np.random.Generator) -> Callable[[], Any]:
@@ -303,14 +377,26 @@ def layer_bench_parser(description: str, rounds: int) -> argparse.ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = layer_bench_parser(__doc__.split("\n\n")[0], rounds=5).parse_args(argv)
+    parser = layer_bench_parser(__doc__.split("\n\n")[0], rounds=5)
+    parser.add_argument("--no_convolutions", action="store_true", help="skip the convolutions alone")
+    parser.add_argument("--onednn", action="store_true",
+                        help="the training steps with TF_ENABLE_ONEDNN_OPTS=1 and =0, a child process each")
+    parser.add_argument("--step_json", default=None, help=argparse.SUPPRESS)  # a child's medians
+    args = parser.parse_args(argv)
+    if args.onednn:
+        child = ["--batch_size", str(args.batch_size), "--rounds", str(args.rounds)]
+        onednn_steps(child + (["--mixed_precision"] if args.mixed_precision else []), args.rounds)
+        return 0
     if not use_tensorflow():
         return 2
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start (a busy machine "
           "slows every variant: compare the ratios)")
-    convolutions(args.batch_size, args.rounds, args.mixed_precision)
+    if not args.no_convolutions:
+        convolutions(args.batch_size, args.rounds, args.mixed_precision)
     if not args.no_step:
-        training_steps(args.batch_size, args.rounds, args.mixed_precision)
+        medians = training_steps(args.batch_size, args.rounds, args.mixed_precision)
+        if args.step_json:
+            Path(args.step_json).write_text(json.dumps(medians))
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 

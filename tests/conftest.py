@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# No convolution or bfloat16 timing in the suite (autotune.py; tests/test_autotune.py turns it on with
+# a mocked timer): runs stay short and nothing is written to the user's cache folder.
+os.environ.setdefault("CAPSNET_AUTOTUNE", "off")
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent

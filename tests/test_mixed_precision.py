@@ -1,6 +1,7 @@
-"""`--mixed_precision` through the real flag: the layers compute as documented (bfloat16 convolutions
-and decoder, float32 capsules and variables) and a short training on real Fashion-MNIST leaves chance
-far behind.
+"""`--mixed_precision force` through the real flag (`force`: bfloat16 on any CPU, not only where it
+is native and measured faster, tests/test_autotune.py): the layers compute as documented (bfloat16
+convolutions and decoder, float32 capsules and variables) and a short training on real Fashion-MNIST
+leaves chance far behind.
 
 Keras' dtype policy is global: conftest's autouse fixture restores it after the test, so that no other
 test builds its models in reduced precision.
@@ -40,7 +41,7 @@ def test_mixed_precision_flag_learns_fashion_mnist(fashion_small: Path, tmp_path
     import capsulenet
 
     code = capsulenet.main(["--dataset", str(fashion_small), "--save_dir", str(tmp_path),
-                            "--epochs", str(EPOCHS), "--seed", "0", "--mixed_precision"])
+                            "--epochs", str(EPOCHS), "--seed", "0", "--mixed_precision", "force"])
     assert code == 0
     log = pd.read_csv(tmp_path / "log.csv")
     eval_model = keras.saving.load_model(tmp_path / "trained_model.keras", safe_mode=True)

@@ -1,0 +1,540 @@
+"""Measured choices: which convolution runs, and whether `--mixed_precision` may use bfloat16.
+
+Two decisions used to be fixed rules that some machines contradict (measured on a 2-core AMD EPYC with
+AVX2 only: im2col 0.82x the speed of Keras' `Conv2D`, yet chosen on every CPU; bfloat16 training
+steps 5-9x slower than float32, because that CPU has no bfloat16 arithmetic and emulates it):
+
+- **The convolution** (`capsulelayers.Conv2D(implementation="auto")`: im2col or the library's
+  convolution, i.e. oneDNN/Eigen on CPUs, cuDNN on GPUs). `tune_model` times both candidates once,
+  forward + backward, on the layer's real shapes (the training batch), dtype policy, machine and
+  backend, keeps the faster, caches the decision and prints one line naming it and both times.
+- **bfloat16** (`precision_policy`): `--mixed_precision` trains in bfloat16 only where the device
+  computes it natively (x86 `avx512_bf16`/`amx_bf16`, Arm `bf16`, NVIDIA compute capability >= 8.0:
+  Ampere, Hopper) and, on a CPU, where the PrimaryCaps convolution (~94% of a step's FLOPs) measured
+  faster in bfloat16 than in float32. Otherwise one line says why, with the measured ratio, and the run
+  stays float32; `--mixed_precision force` insists.
+
+Design. The timing is done by the command line *before the model trains*, never inside a layer's
+`call`: `capsulenet.run` builds the model, then calls `tune_model(model, batch_size)`, which sets each
+auto layer's `tuned_implementation` (a runtime attribute, not part of `get_config`: files stay
+identical whichever implementation runs, and a file saved on one machine still says `"auto"` on
+another). A `capsulelayers.Conv2D` used outside the CLI never times anything: `"auto"` there follows
+the static rule (`capsulelayers.im2col_is_default`), and an explicit `implementation="im2col"` or
+`"conv"` always wins (such layers are not tuned).
+
+The cache is one JSON file (never anything executable; a corrupt one is ignored with a one-line
+warning and rewritten) owned by `DecisionCache`, in `$CAPSNET_CACHE_DIR`, else
+`$XDG_CACHE_HOME/capsnet-keras`, else `~/.cache/capsnet-keras`. A decision is keyed by everything that
+can change it: CPU model, a digest of its flags and its core count, the accelerators, the Keras
+backend and library versions, the dtype policy and the layer's shapes. `CAPSNET_AUTOTUNE=off` turns
+the timing off (the static rule and the native-bfloat16 check only; the test suite sets it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import keras
+import numpy as np
+
+ENV_CACHE_DIR = "CAPSNET_CACHE_DIR"
+ENV_AUTOTUNE = "CAPSNET_AUTOTUNE"
+CACHE_FILE = "decisions.json"
+CACHE_VERSION = 1
+CANDIDATES = ("im2col", "conv")
+# Timed calls per candidate after one untimed call (tracing, first-touch allocation). Three interleaved
+# calls keep a PrimaryCaps decision at batch 100 to a few seconds on 2 CPU cores; the median of three
+# survives one call slowed by other work on a shared machine.
+ROUNDS = 3
+# A candidate this many times slower than another after one round is not timed again.
+CLEAR_MARGIN = 2.0
+# The bfloat16 probe times the PrimaryCaps convolution at no more than this batch: on a CPU that
+# emulates bfloat16 a batch of 100 took 8-14 s per call (AMD EPYC, AVX2), and the ratio is per image.
+PROBE_BATCH = 16
+BFLOAT16_POLICY = "mixed_bfloat16"
+# The x86 and Arm /proc/cpuinfo flags of native bfloat16 arithmetic.
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+Say = Callable[[str], None]
+
+
+class Bfloat16Support(NamedTuple):
+    """Whether a device computes bfloat16 natively (`native`), its description, and whether it is a
+    GPU."""
+
+    native: bool
+    device: str
+    gpu: bool
+
+
+def autotune_enabled() -> bool:
+    """Whether timing runs may happen (`CAPSNET_AUTOTUNE` is not `0`, `off`, `false` or `no`)."""
+    return os.environ.get(ENV_AUTOTUNE, "on").strip().lower() not in ("0", "off", "false", "no")
+
+
+def cache_dir() -> Path:
+    """`$CAPSNET_CACHE_DIR`, else `$XDG_CACHE_HOME/capsnet-keras`, else `~/.cache/capsnet-keras`."""
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "capsnet-keras"
+
+
+class DecisionCache:
+    """The decisions measured on this machine: one JSON file, `{"version": 1, "entries": {key: record}}`.
+
+    The file is read once, on first use; a file that is not such JSON is ignored with one warning line
+    (it is data, never executed) and replaced on the next write. Writes go to a temporary file that
+    replaces the old one, so an interrupted run leaves the old cache or the new, never half of one; a
+    cache that cannot be written (read-only home) keeps its decisions for this process and says so.
+
+    Args:
+        path: the JSON file (default `cache_dir() / CACHE_FILE`).
+        say: where the one-line warnings go.
+    """
+
+    def __init__(self, path: Path | None = None, say: Say = print) -> None:
+        self.path = Path(path) if path is not None else cache_dir() / CACHE_FILE
+        self.say = say
+        self._entries: dict[str, dict] | None = None
+
+    @staticmethod
+    def key_text(key: dict) -> str:
+        return json.dumps(key, sort_keys=True, separators=(",", ":"))
+
+    def _load(self) -> dict[str, dict]:
+        if self._entries is not None:
+            return self._entries
+        self._entries = {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return self._entries
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            self.say(f"Warning: ignoring the unreadable autotune cache {self.path} ({type(e).__name__}); "
+                     "it will be measured again and rewritten.")
+            return self._entries
+        entries = data.get("entries") if isinstance(data, dict) else None
+        if (not isinstance(data, dict) or data.get("version") != CACHE_VERSION
+                or not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values())):
+            self.say(f"Warning: ignoring the autotune cache {self.path} (not a version-{CACHE_VERSION} "
+                     "decisions file); it will be measured again and rewritten.")
+            return self._entries
+        self._entries = entries
+        return self._entries
+
+    def get(self, key: dict) -> dict | None:
+        """The record stored for `key`, or None."""
+        return self._load().get(self.key_text(key))
+
+    def put(self, key: dict, record: dict) -> None:
+        """Stores `record` (JSON-serialisable) for `key` and rewrites the file."""
+        entries = self._load()
+        entries[self.key_text(key)] = record
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, suffix=".tmp", delete=False,
+                                             encoding="utf-8") as f:
+                json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
+            os.replace(f.name, self.path)
+        except OSError as e:
+            with contextlib.suppress(NameError, OSError):
+                os.unlink(f.name)
+            self.say(f"Warning: could not write the autotune cache {self.path} ({e.strerror or e}); "
+                     f"set {ENV_CACHE_DIR} to a writable folder to keep decisions between runs.")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the decision depends on
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_fields() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (`model name`, `flags`, ...); empty elsewhere."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            name, _, value = line.partition(":")
+            fields[name.strip()] = value.strip()
+    return fields
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`); empty where /proc/cpuinfo is missing."""
+    fields = cpu_fields()
+    return set((fields.get("flags") or fields.get("Features") or "").split())
+
+
+def cpu_description() -> dict[str, Any]:
+    """CPU model, a digest of its sorted flags (the full list is ~100 words) and usable cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    flags = " ".join(sorted(cpu_flags()))
+    return {"cpu": cpu_fields().get("model name") or platform.processor() or platform.machine(),
+            "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16], "cores": cores}
+
+
+def accelerators() -> list[dict[str, str]]:
+    """The GPUs the Keras backend computes on: `[{"name": ..., "compute_capability": "9.0"}]`; [] on CPU."""
+    backend = keras.backend.backend()
+    found = []
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        for device in tf.config.list_physical_devices("GPU"):
+            details = tf.config.experimental.get_device_details(device)
+            capability = details.get("compute_capability")
+            found.append({"name": str(details.get("device_name", device.name)),
+                          "compute_capability": ".".join(map(str, capability)) if capability else ""})
+    elif backend == "jax":
+        import jax
+
+        for device in jax.devices():
+            if device.platform == "gpu":
+                found.append({"name": device.device_kind,
+                              "compute_capability": str(getattr(device, "compute_capability", ""))})
+    elif backend == "torch":
+        import torch
+
+        for i in range(torch.cuda.device_count()):
+            found.append({"name": torch.cuda.get_device_name(i),
+                          "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(i)))})
+    return found
+
+
+def backend_versions() -> dict[str, str]:
+    """The Keras backend and the versions of the libraries that compute."""
+    backend = keras.backend.backend()
+    versions = {"backend": backend, "keras": keras.__version__, "numpy": np.__version__}
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend)
+    if module:
+        versions[module] = __import__(module).__version__
+    if backend == "tensorflow":  # oneDNN on or off changes the CPU kernels
+        versions["TF_ENABLE_ONEDNN_OPTS"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "")
+    return versions
+
+
+def machine_key() -> dict[str, Any]:
+    """Everything about this machine and software that a measured decision depends on."""
+    return {**cpu_description(), "accelerators": accelerators(), **backend_versions()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def conv_step(layer: Any, input_shape: tuple[int, ...], input_grad: bool) -> Callable[[], Any] | None:
+    """Forward + backward of a built `layer` on random inputs of `input_shape`: the gradients of
+    `sum(layer(x) * upstream)` for its weights and, with `input_grad`, for `x` (as in training, where
+    only the first layer's input needs none). None on a backend without a timer here (PyTorch)."""
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal(input_shape).astype("float32")
+    upstream_np = rng.standard_normal(layer.compute_output_shape(input_shape)).astype("float32")
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        x, upstream = tf.constant(x_np), tf.constant(upstream_np)
+        variables = list(layer.trainable_variables)
+
+        @tf.function
+        def step() -> Any:
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                # The loss is returned: no gradient needs the forward product, which TensorFlow would
+                # otherwise prune (and time the backward pass alone).
+                loss = tf.reduce_sum(tf.cast(layer(x), "float32") * upstream)
+            grads = tape.gradient(loss, variables + ([x] if input_grad else []))
+            return [loss] + [tf.reduce_sum(tf.cast(g, "float32")) for g in grads]
+
+        return lambda: [v.numpy() for v in step()]
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        x, upstream = jnp.asarray(x_np), jnp.asarray(upstream_np)
+        trainable = [v.value for v in layer.trainable_variables]
+        frozen = [v.value for v in layer.non_trainable_variables]
+
+        def loss(trainable: Any, x: Any) -> Any:
+            outputs, _ = layer.stateless_call(trainable, frozen, x)
+            return jnp.sum(outputs.astype("float32") * upstream)
+
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1) if input_grad else 0))
+        return lambda: jax.block_until_ready(step(trainable, x))
+    return None
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], rounds: int = ROUNDS) -> dict[str, float]:
+    """Median seconds of each function over up to `rounds` calls, after one untimed call each; the
+    order rotates round after round, so that other work on the machine slows every candidate alike.
+    Stops early once one is `CLEAR_MARGIN` times slower than another: more calls of a candidate that
+    slow (XLA's CPU convolution backward takes many seconds) would not change the choice."""
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        if max(medians.values()) > CLEAR_MARGIN * min(medians.values()):
+            break
+    return medians
+
+
+def time_conv_candidates(config: dict, input_shape: tuple[int, ...], input_grad: bool = True,
+                         policy: str | None = None, rounds: int = ROUNDS) -> dict[str, float] | None:
+    """Seconds of forward + backward of a `capsulelayers.Conv2D` of `config` with each implementation
+    (`CANDIDATES`), on fresh layers (the model's own weights are not touched), under dtype `policy`
+    (default: the config's). None where this backend has no timer."""
+    from capsulelayers import Conv2D
+
+    with _quiet_retracing():
+        return _time_candidates(Conv2D, config, input_shape, input_grad, policy, rounds)
+
+
+@contextlib.contextmanager
+def _quiet_retracing() -> Any:
+    """TensorFlow warns when one Python function is traced many times; here each candidate is a new
+    `tf.function` on purpose, so that warning would be noise at a user's terminal."""
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _time_candidates(conv2d: type, config: dict, input_shape: tuple[int, ...], input_grad: bool,
+                     policy: str | None, rounds: int) -> dict[str, float] | None:
+    fns = {}
+    for implementation in CANDIDATES:
+        layer = conv2d.from_config({**config, "implementation": implementation,
+                                    "name": f"autotune_{implementation}",
+                                    **({"dtype": policy} if policy else {})})
+        layer.build(input_shape)
+        fn = conv_step(layer, input_shape, input_grad)
+        if fn is None:
+            return None
+        fns[implementation] = fn
+    return interleaved_medians(fns, rounds)
+
+
+# ---------------------------------------------------------------------------------------------
+# The convolution
+# ---------------------------------------------------------------------------------------------
+
+
+def conv_key(config: dict, input_shape: tuple[int, ...], policy: str, input_grad: bool) -> dict[str, Any]:
+    """The cache key of one convolution decision: the machine, the dtype policy and the shapes."""
+    return {"decision": "conv2d", **machine_key(), "policy": policy,
+            "input_shape": [int(d) for d in input_shape], "filters": int(config["filters"]),
+            "kernel_size": [int(d) for d in config["kernel_size"]],
+            "strides": [int(d) for d in config["strides"]], "use_bias": bool(config["use_bias"]),
+            "input_grad": bool(input_grad)}
+
+
+def choose_conv(name: str, config: dict, input_shape: tuple[int, ...], input_grad: bool = True,
+                cache: DecisionCache | None = None,
+                timer: Callable[..., dict[str, float] | None] = time_conv_candidates,
+                say: Say = print) -> str | None:
+    """The faster implementation of one convolution, from the cache or timed once, with one line.
+
+    Args:
+        name: the layer's name, for the line.
+        config: the layer's `get_config()`.
+        input_shape: its input with the batch, e.g. `(100, 20, 20, 256)`.
+        input_grad: whether training needs the input's gradient.
+        cache: where decisions live (default: the user's cache).
+        timer: `timer(config, input_shape, input_grad)` -> seconds by candidate, or None.
+        say: where the line goes.
+
+    Returns:
+        `"im2col"` or `"conv"`; None where nothing was measured (timing off, or no timer for this
+        backend): the layer then follows the static rule.
+    """
+    if not autotune_enabled():
+        return None
+    cache = cache or DecisionCache(say=say)
+    policy = keras.dtype_policies.get(config.get("dtype") or keras.mixed_precision.global_policy()).name
+    key = conv_key(config, input_shape, policy, input_grad)
+    record = cache.get(key)
+    if record is not None and record.get("choice") in CANDIDATES and isinstance(record.get("seconds"), dict):
+        how = f"cached, measured {record.get('measured', '?')}"
+    else:
+        seconds = timer(config, tuple(input_shape), input_grad)
+        if not seconds:
+            return None
+        record = {"choice": min(seconds, key=seconds.get), "seconds": seconds,
+                  "measured": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        cache.put(key, record)
+        how = "timed now"
+    choice, seconds = record["choice"], record["seconds"]
+    other = "conv" if choice == "im2col" else "im2col"
+    label = {"im2col": "im2col", "conv": "library Conv2D"}
+    say(f"Convolution {name} ({policy}, batch {input_shape[0]}): {label[choice]}, forward + backward "
+        f"{seconds[choice] * 1e3:.0f} ms vs {label[other]} {seconds.get(other, float('nan')) * 1e3:.0f} ms "
+        f"({how}; cache {cache.path})")
+    return record["choice"]
+
+
+def tune_model(model: keras.Model, batch_size: int, explicit: str = "auto",
+               cache: DecisionCache | None = None,
+               timer: Callable[..., dict[str, float] | None] = time_conv_candidates, say: Say = print
+               ) -> dict[str, str]:
+    """Chooses the implementation of every `capsulelayers.Conv2D` of `model` left on `"auto"`.
+
+    Call it after building the model and before its first step is traced: it sets each such layer's
+    `tuned_implementation`, which the layer reads when it is traced. Layers built with an explicit
+    implementation are left alone, as are layers where im2col does not apply.
+
+    Args:
+        model: the model to train.
+        batch_size: its training batch (per device).
+        explicit: `"auto"` (measure), or `"im2col"`/`"conv"`, the user's choice, which wins: set
+            without timing.
+        cache, timer, say: see `choose_conv`.
+
+    Returns:
+        the choices by layer name.
+    """
+    from capsulelayers import Conv2D
+
+    cache = cache or DecisionCache(say=say)
+    model_inputs = {id(t) for t in model.inputs}
+    choices = {}
+    for layer in model.layers:
+        if (not isinstance(layer, Conv2D) or layer.implementation != "auto"
+                or not layer._im2col_applies(layer.input)):
+            continue
+        if explicit != "auto":
+            layer.tuned_implementation = choices[layer.name] = explicit
+            continue
+        input_shape = (int(batch_size), *(int(d) for d in layer.input.shape[1:]))
+        input_grad = id(layer.input) not in model_inputs  # the first layer's input needs no gradient
+        choice = choose_conv(layer.name, layer.get_config(), input_shape, input_grad=input_grad,
+                             cache=cache, timer=timer, say=say)
+        if choice is not None:
+            layer.tuned_implementation = choice
+            choices[layer.name] = choice
+    return choices
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16
+# ---------------------------------------------------------------------------------------------
+
+
+def bfloat16_support() -> Bfloat16Support:
+    """Whether the device the backend computes on has bfloat16 arithmetic.
+
+    GPUs: NVIDIA compute capability 8.0 or more (Ampere, Hopper and later). CPUs: the /proc/cpuinfo
+    flags `avx512_bf16` or `amx_bf16` (x86) or `bf16` (Arm). Elsewhere bfloat16 is converted to and
+    from float32 around every operation.
+    """
+    gpus = accelerators()
+    if gpus:
+        gpu, capability = gpus[0]["name"], gpus[0]["compute_capability"]
+        try:
+            native = float(capability) >= 8.0
+        except ValueError:  # not reported: not refused (bfloat16 is native on every GPU sold since 2020)
+            return Bfloat16Support(True, f"{gpu} (compute capability not reported)", True)
+        if native:
+            return Bfloat16Support(True, f"{gpu} (compute capability {capability})", True)
+        return Bfloat16Support(False, f"{gpu} (compute capability {capability}, below 8.0)", True)
+    native = sorted(set(BFLOAT16_CPU_FLAGS) & cpu_flags())
+    cpu = cpu_description()["cpu"]
+    if native:
+        return Bfloat16Support(True, f"{cpu} ({', '.join(native)})", False)
+    return Bfloat16Support(False, f"{cpu} (no avx512_bf16 or amx_bf16 in its flags)", False)
+
+
+def bfloat16_ratio(batch_size: int, cache: DecisionCache | None = None, say: Say = print) -> float | None:
+    """bfloat16 time / float32 time of the PrimaryCaps convolution (9x9, stride 2, 256 -> 256 on
+    `[batch, 20, 20, 256]`, ~94% of a training step's FLOPs), forward + backward, the faster
+    implementation in each precision, at `min(batch_size, PROBE_BATCH)`; cached like the convolution
+    decisions. None when timing is off or this backend has no timer."""
+    if not autotune_enabled():
+        return None
+    cache = cache or DecisionCache(say=say)
+    batch = min(int(batch_size), PROBE_BATCH)
+    input_shape = (batch, 20, 20, 256)
+    config = {"filters": 256, "kernel_size": (9, 9), "strides": (2, 2), "padding": "valid"}
+    key = {"decision": "bfloat16", **machine_key(), "input_shape": list(input_shape)}
+    record = cache.get(key)
+    if record is None or not isinstance(record.get("ratio"), (int, float)):
+        from capsulelayers import Conv2D
+
+        full = Conv2D(**config).get_config()
+        float32 = time_conv_candidates(full, input_shape, policy="float32", rounds=1)
+        bfloat16 = time_conv_candidates(full, input_shape, policy=BFLOAT16_POLICY, rounds=1)
+        if not float32 or not bfloat16:
+            return None
+        record = {"ratio": min(bfloat16.values()) / min(float32.values()), "float32": float32,
+                  "bfloat16": bfloat16}
+        cache.put(key, record)
+    return float(record["ratio"])
+
+
+def precision_policy(request: str | None, batch_size: int = 100,
+                     support: Callable[[], Bfloat16Support] | None = None,
+                     ratio: Callable[[int], float | None] | None = None, say: Say = print) -> str:
+    """The dtype policy for `--mixed_precision`: `"float32"` or `"mixed_bfloat16"`.
+
+    Args:
+        request: None (flag absent: float32), `"auto"` (plain `--mixed_precision`: bfloat16 where it
+            is native and, on a CPU, measured faster) or `"force"` (bfloat16 whatever the device).
+        batch_size: the training batch (the probe uses at most `PROBE_BATCH` of it).
+        support: `() -> Bfloat16Support`, `bfloat16_support` by default.
+        ratio: `(batch) -> bfloat16 / float32 time` or None; `bfloat16_ratio` by default. Not called
+            on a native GPU, where bfloat16 is not refused.
+        say: where the one line goes when bfloat16 is refused.
+    """
+    if not request:
+        return "float32"
+    if request == "force":
+        return BFLOAT16_POLICY
+    native, device, gpu = (support or bfloat16_support)()
+    if native and gpu:
+        return BFLOAT16_POLICY
+    measured = (ratio or bfloat16_ratio)(batch_size)
+    how = (f"the bfloat16 PrimaryCaps convolution measured {measured:.2f}x the float32 time"
+           if measured is not None else f"not timed ({ENV_AUTOTUNE} is off)")
+    if not native:
+        say(f"--mixed_precision: {device} has no native bfloat16 arithmetic ({how}): training in float32; "
+            "`--mixed_precision force` uses bfloat16 anyway.")
+        return "float32"
+    if measured is not None and measured > 1.0:
+        say(f"--mixed_precision: on {device} {how}: training in float32; `--mixed_precision force` "
+            "uses bfloat16 anyway.")
+        return "float32"
+    if measured is not None:
+        say(f"--mixed_precision: bfloat16 on {device} ({how}).")
+    return BFLOAT16_POLICY
