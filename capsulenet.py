@@ -434,8 +434,9 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         0, or the exit code of `errors`: 1 OS error, 2 bad input, 3 diverged, 130 interrupted.
     """
     args = (parser or build_parser()).parse_args(argv)
-    # A polite kill (SIGTERM) ends like Ctrl-C: a message, and the last completed epoch kept.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # A polite kill (SIGTERM) ends like Ctrl-C: a message, and the last completed epoch kept. The
+    # caller's handler comes back on return (main also runs inside other programs, e.g. pytest).
+    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         (runner or _validate_and_run)(args)
     except UserError as e:
@@ -452,6 +453,9 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
     except OSError as e:  # a full disk or a vanished folder: say which file, keep the good ones
         print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return errors.EXIT_OS_ERROR
+    finally:
+        # None: the handler was not set from Python; the default is the closest one can restore.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
     return 0
 
 

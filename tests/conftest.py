@@ -183,6 +183,39 @@ def small_idx_dir(small_raw: RawData, tmp_path_factory: pytest.TempPathFactory) 
     return folder
 
 
+def assert_log_matches_saved_weights(save_dir: Path, npz: Path, routings: int, lr: float = 0.001,
+                                     lr_decay: float = 0.9, lam_recon: float = 0.392) -> None:
+    """A finished run's `log.csv` against values computed here: every row's `learning_rate` is
+    `lr * lr_decay ** epoch` (SPEC 1), and the last row's validation columns are those of the weights
+    the run saved last (`trained_model.weights.h5`) on the `.npz`'s test set, the margin loss from
+    `tests/reference.py` and the MSE in NumPy (float64): the total `margin + lam_recon * MSE`, each
+    term, and the accuracy of the longest capsule."""
+    import keras
+    import pandas as pd
+    import reference as ref
+
+    import capsulenet
+    import saving
+
+    log = pd.read_csv(save_dir / "log.csv")
+    np.testing.assert_allclose(log["learning_rate"], lr * lr_decay ** log["epoch"], rtol=1e-6)
+    with np.load(npz) as f:
+        x = f["x_test"][..., None].astype("float32") / 255
+        labels = f["y_test"].astype(int)
+    y = np.eye(labels.max() + 1, dtype="float32")[labels]
+    keras.utils.set_random_seed(0)
+    train_model, _, _ = capsulenet.CapsNet(x.shape[1:], y.shape[1], routings)
+    saving.load_weights(train_model, str(save_dir / "trained_model.weights.h5"))
+    lengths, recon = train_model.predict([x, y], batch_size=50, verbose=0)
+    margin = ref.margin_loss(y, lengths)
+    mse = np.mean((x.astype(np.float64) - recon).reshape(len(x), -1) ** 2, axis=1)
+    want = {"val_loss": np.mean(margin + lam_recon * mse), "val_capsnet_loss": np.mean(margin),
+            "val_decoder_loss": np.mean(mse), "val_capsnet_accuracy": np.mean(lengths.argmax(1) == labels)}
+    got = log.iloc[-1]
+    for column, value in want.items():
+        assert got[column] == pytest.approx(value, rel=1e-4, abs=1e-7), (column, got[column], value)
+
+
 @pytest.fixture(autouse=True)
 def _restore_dtype_policy() -> Iterator[None]:
     """Puts back Keras' global dtype policy after each test (`--mixed_precision` changes it), so

@@ -19,7 +19,15 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import RawData, child_env, describe, run_script, save_npz, synthetic_raw
+from conftest import (
+    RawData,
+    assert_log_matches_saved_weights,
+    child_env,
+    describe,
+    run_script,
+    save_npz,
+    synthetic_raw,
+)
 from PIL import Image
 
 import capsulenet
@@ -133,7 +141,8 @@ def assert_valid_png(path: Path, size: tuple[int, int] | None = None) -> Image.I
 
 
 @pytest.mark.slow
-def test_training_writes_every_output(trained: tuple[Path, subprocess.CompletedProcess]) -> None:
+def test_training_writes_every_output(trained: tuple[Path, subprocess.CompletedProcess], small_npz: Path
+                                      ) -> None:
     save_dir, result = trained
     assert result.returncode == 0, describe(result)
     log = pd.read_csv(save_dir / "log.csv")
@@ -144,6 +153,7 @@ def test_training_writes_every_output(trained: tuple[Path, subprocess.CompletedP
     assert np.isfinite(log["loss"][0]) and log["loss"][0] > 0
     for column in ("capsnet_accuracy", "val_capsnet_accuracy"):
         assert 0 <= log[column][0] <= 1
+    assert_log_matches_saved_weights(save_dir, small_npz, routings=3)
     assert_valid_png(save_dir / "log.png")
     events = [p for p in (save_dir / "tensorboard-logs").rglob("*") if "events" in p.name]
     assert events, "--debug wrote no TensorBoard event file"

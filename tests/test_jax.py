@@ -16,7 +16,14 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import child_env, describe, run_script, save_npz, synthetic_raw
+from conftest import (
+    assert_log_matches_saved_weights,
+    child_env,
+    describe,
+    run_script,
+    save_npz,
+    synthetic_raw,
+)
 
 import capsulenet
 import errors
@@ -59,7 +66,7 @@ def jax_trained(tiny_npz: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.mark.slow
 def test_jax_training_writes_every_output_without_tensorflow(
-        jax_trained: tuple[Path, subprocess.CompletedProcess]) -> None:
+        jax_trained: tuple[Path, subprocess.CompletedProcess], tiny_npz: Path) -> None:
     save_dir, result = jax_trained
     assert result.returncode == 0, describe(result)
     assert "Warning: JAX is running on the CPU" in result.stdout  # and names the faster backend
@@ -67,6 +74,7 @@ def test_jax_training_writes_every_output_without_tensorflow(
     log = pd.read_csv(save_dir / "log.csv")
     assert list(log.columns) == LOG_COLUMNS
     assert log["epoch"].tolist() == [0] and np.isfinite(log.drop(columns="epoch").to_numpy()).all()
+    assert_log_matches_saved_weights(save_dir, tiny_npz, routings=1)  # weights from JAX, checked on TF
     for name in ("weights-01.weights.h5", "trained_model.weights.h5", "trained_model.keras", "log.png"):
         assert (save_dir / name).is_file(), name
     assert not (save_dir / "backup").exists()

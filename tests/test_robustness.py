@@ -596,6 +596,54 @@ def test_checkpoints_only_for_epochs_that_improve(straight: Path) -> None:
     assert checkpoints_in(straight) == expected_checkpoints(log)
 
 
+class ScriptedSteps:
+    """Stands in for `backends.make_steps` in `training.Trainer`: each training step sets the model's
+    bias to the number of steps taken so far (so a weights file tells which epoch it was saved after),
+    and each validation reports the next of `accuracies` (one validation batch per epoch)."""
+
+    def __init__(self, model: keras.Model, optimizer: Any, accuracies: list[float]) -> None:
+        self.model, self.optimizer, self.accuracies, self.taken = model, optimizer, list(accuracies), 0
+
+    def build_optimizer(self) -> None:
+        self.optimizer.build(self.model.trainable_variables)
+
+    def reload(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def train(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        self.taken += 1
+        self.model.layers[-1].bias.assign(np.full(2, float(self.taken), "float32"))
+        return np.full(len(training.SUMS), 0.5 * len(x))
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.array([1.0, 1.0, 1.0, self.accuracies.pop(0)]) * len(x)
+
+
+def test_checkpoints_only_for_epochs_that_improve_scripted(tmp_path: Path) -> None:
+    """The epoch loop itself, with validation accuracies scripted to fall, tie and rise: a checkpoint
+    after epochs 1 and 4 only (a tie is no improvement), each holding that epoch's weights."""
+    accuracies = [0.5, 0.4, 0.5, 0.7, 0.6]
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    optimizer = training.make_optimizer(0.001, 0.9, steps_per_epoch=1)
+    config = training.TrainConfig(epochs=len(accuracies), batch_size=10, save_dir=str(tmp_path))
+    trainer = training.Trainer(model, optimizer, ScriptedSteps(model, optimizer, accuracies), config,
+                               Backup(tmp_path / "backup"))
+    images = np.zeros((10, 28, 28, 1), "float32")
+    labels = np.eye(10, dtype="float32")
+    log = trainer.fit((images, labels), (images, labels))
+
+    np.testing.assert_allclose(log["val_capsnet_accuracy"], accuracies)
+    assert checkpoints_in(tmp_path) == {"weights-01.weights.h5", "weights-04.weights.h5"}
+    assert checkpoints_in(tmp_path) == expected_checkpoints(pd.read_csv(tmp_path / "log.csv"))
+    for epoch in (1, 4):  # one step per epoch: the bias counts the epochs trained
+        bias = [a for name, a in weights_in(tmp_path / f"weights-{epoch:02d}.weights.h5").items()
+                if a.shape == (2,)]
+        np.testing.assert_array_equal(bias, [[epoch, epoch]])
+
+
 @pytest.mark.slow
 def test_the_best_score_survives_a_resume(sigterm_run: dict[str, Any]) -> None:
     """Before the stop: the first epoch's checkpoint, and a backup whose best score is that epoch's
@@ -607,6 +655,35 @@ def test_the_best_score_survives_a_resume(sigterm_run: dict[str, Any]) -> None:
     assert sigterm_run["backed_up_best"] == pytest.approx(log["val_capsnet_accuracy"].max(), abs=1e-12)
     assert sigterm_run["rerun"].returncode == 0, describe(sigterm_run["rerun"])
     assert checkpoints_in(sigterm_run["save_dir"]) == {"weights-01.weights.h5"}
+
+
+def test_main_puts_the_callers_sigterm_handler_back(tmp_path: Path) -> None:
+    """`main` turns SIGTERM into Ctrl-C while it runs, and gives the caller's handler back on every
+    way out (in pytest, a handler left behind turned a `timeout` kill into one failed test)."""
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    callers = signal.getsignal(signal.SIGTERM)
+
+    def killed(args: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this at once
+
+    def refused(args: Any) -> None:
+        raise UserError("bad flag")
+
+    try:
+        argv = ["--save_dir", str(tmp_path)]
+        assert capsulenet.main(argv, runner=killed) == errors.EXIT_INTERRUPTED
+        assert signal.getsignal(signal.SIGTERM) is callers
+        assert capsulenet.main(argv, runner=refused) == errors.EXIT_BAD_INPUT
+        assert signal.getsignal(signal.SIGTERM) is callers
+        assert capsulenet.main(argv, runner=lambda args: None) == 0
+        assert signal.getsignal(signal.SIGTERM) is callers
+        assert received == []  # main's own handler took the kill
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.mark.slow
