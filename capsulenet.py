@@ -56,8 +56,8 @@ CAPSULE_DIM = 16
 # Offsets added to one capsule dimension in the manipulation plot: -0.25, -0.2, ..., 0.25.
 PERTURBATIONS = np.round(np.arange(-0.25, 0.25 + 1e-9, 0.05), 2)
 BACKUP_DIR = "backup"
-# The backends with a training step in backends.py. PyTorch would need a third step of its own.
-SUPPORTED_BACKENDS = ("tensorflow", "jax")
+# The backends with a training step in backends.py.
+SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 # Flags that must match for a run to resume where another stopped.
 RESUME_FLAGS = ("batch_size", "lr", "lr_decay", "lam_recon", "routings", "shift_fraction", "dataset")
 
@@ -230,9 +230,9 @@ def test_two_digits(eval_model: keras.Model, pairs: Any, batch_size: int = 100,
     decoder = eval_model.get_layer("decoder")
     # Called directly, not with `predict`: a model built per call would make `predict` trace anew.
     encoder = keras.Model(eval_model.inputs[0], eval_model.get_layer("digitcaps").output)
-    capsules = np.asarray(encoder(shown.x, training=False))  # [50, n_class, 16]
-    recons = [np.asarray(decoder((capsules * eye[top2[:, k]][:, :, None]).reshape(len(capsules), -1),
-                                 training=False)) for k in (0, 1)]
+    capsules = keras.ops.convert_to_numpy(encoder(shown.x, training=False))  # [50, n_class, 16]
+    recons = [keras.ops.convert_to_numpy(decoder(
+        (capsules * eye[top2[:, k]][:, :, None]).reshape(len(capsules), -1), training=False)) for k in (0, 1)]
     path = Path(save_dir) / "real_and_recon.png"
     utils.save_image(multimnist.overlay_image(shown.x, *recons), path)
     print(f"Reconstructed images are saved to {path}")
@@ -281,10 +281,11 @@ def manipulate_latent(model: keras.Model, data: tuple[np.ndarray, np.ndarray], d
     encoder = keras.Model(model.inputs[0], model.get_layer("digitcaps").output)
     # Called directly, not with `predict`: the encoder is built per call and `predict` would trace it
     # anew every time (TensorFlow warns of retracing after a few calls, e.g. one grid per class).
-    capsules = np.asarray(encoder(x_test[index : index + 1], training=False))  # [1, n_class, 16]
+    capsules = keras.ops.convert_to_numpy(encoder(x_test[index : index + 1], training=False))  # [1, n, 16]
     masked = (capsules + noise) * y_test[index][None, :, None]  # keep the label's capsule
     decoder = model.get_layer("decoder")
-    x_recons = np.asarray(decoder(masked.reshape(len(noise), -1).astype("float32"), training=False))
+    x_recons = keras.ops.convert_to_numpy(
+        decoder(masked.reshape(len(noise), -1).astype("float32"), training=False))
     image = utils.combine_images(x_recons, height=CAPSULE_DIM)
     path = Path(save_dir) / f"manipulate-{digit}.png"
     utils.save_image(image, path)
@@ -383,7 +384,7 @@ def validate_args(args: argparse.Namespace, extra: Sequence[tuple[str, bool, str
     backend = keras.backend.backend()
     if backend not in SUPPORTED_BACKENDS:
         raise UserError(f"KERAS_BACKEND={backend}: not supported; this project trains and tests on "
-                        "tensorflow (the default) or jax (KERAS_BACKEND=jax)")
+                        "tensorflow (the default), jax (KERAS_BACKEND=jax) or torch (KERAS_BACKEND=torch)")
     if args.image_size is not None and min(args.image_size) < 1:
         raise UserError(f"--image_size {args.image_size[0]} {args.image_size[1]}: must be positive")
     for flag, used in (("--predict", args.predict is not None), ("--export", args.export is not None)):
