@@ -289,13 +289,17 @@ class TorchSteps(Steps):
         loss.backward()
         grads = [v.value.grad if v.value.grad is not None else torch.zeros_like(v.value) for v in variables]
         if self.replicas > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce, not one per variable
-            torch.distributed.all_reduce(flat)
-            grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads,
-                                                        strict=True)]
+            grads = self._all_reduce(grads)
         with torch.no_grad():
             self.optimizer.apply(grads, variables)
         return self._sums(terms)
+
+    def _all_reduce(self, grads: list[Any]) -> list[Any]:
+        """The sums of every process's `grads`: one all-reduce of them all, not one per variable."""
+        flat = self.torch.cat([g.reshape(-1) for g in grads])
+        self.torch.distributed.all_reduce(flat)
+        parts = flat.split([g.numel() for g in grads])
+        return [part.view_as(g) for part, g in zip(parts, grads, strict=True)]
 
     def evaluate(self, *batch: np.ndarray) -> np.ndarray:
         with self.torch.no_grad():
