@@ -1,15 +1,20 @@
-"""`capsulenet-multi-gpu.py` on PyTorch: processes joined by `torch.distributed` (gloo on the CPU).
+"""`capsulenet-multi-gpu.py` over several processes, as on several machines, on the CPU:
+PyTorch (`torch.distributed`, gloo; torchrun's standard variables `WORLD_SIZE`, `RANK`, `LOCAL_RANK`,
+`MASTER_ADDR`, `MASTER_PORT`) and JAX (`jax.distributed`, JAX's gloo CPU collectives;
+`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`).
 
-Two localhost processes started by hand with torchrun's standard variables (`WORLD_SIZE`, `RANK`,
-`LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`), as on two machines, each with its own `--save_dir`, with
-TensorFlow and JAX blocked. One run checks, in order: process 1 is SIGKILLed once its first epoch is
-backed up and process 0 stops by itself with one line; both are rerun with the same flags, resume and
-finish; the chief's `log.csv` (interrupted and resumed) equals a one-process run's with the same seed
-and global batch (tight tolerance: float32 sums in another order). The control, the same two processes
-with the gradient all-reduce removed (`tests/without_all_reduce.py`), must log something else.
+Per backend, two localhost processes started by hand with those variables, each with its own
+`--save_dir` and one CPU device, with TensorFlow blocked (and JAX too on PyTorch). One run checks, in
+order: process 1 is SIGKILLed once its first epoch is backed up and process 0 stops by itself with one
+line; both are rerun with the same flags, resume and finish; the chief's `log.csv` (interrupted and
+resumed) equals a one-process run's with the same seed and global batch (tight tolerance: float32
+sums in another order). The control, the same two processes
+without the gradient all-reduce (`tests/without_all_reduce.py`; on JAX each process then trains alone on
+its share of each batch), must log something else.
 
 Small data (40 training images, 4 steps of 10 per epoch, 10 test images) keep it to seconds
-of compute; most of the time is the processes' start-up. Skipped where PyTorch is not installed.
+of compute; most of the time is the processes' start-up (and on JAX, XLA's compilation). A backend
+that is not installed is skipped.
 """
 
 from __future__ import annotations
@@ -31,45 +36,70 @@ from test_multi_gpu import free_ports, printed_accuracy, wait_all
 
 from backup import Backup
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                                 reason="PyTorch is not installed (pip install -r requirements-torch.txt)")]
+pytestmark = pytest.mark.slow
 
 FLAGS = ["--epochs", "2", "--batch_size", "10", "--seed", "4", "-r", "1", "--lr", "0.005"]
 TIMEOUT_S = 300
-# Two processes sum the gradients (gloo) in another order than one: measured ~1e-7 relative.
+# Two processes sum the gradients in another order than one: measured ~1e-7 relative (both backends).
 LOG_RTOL, LOG_ATOL = 1e-5, 1e-7
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_npz(tmp_path_factory.mktemp("torch-ddp") / "data.npz", synthetic_raw(40, 10, seed=3))
+# What differs per backend: the variables, the other packages blocked, the names of things.
+BACKENDS = {
+    "torch": {"block": ("--also-block", "jax"), "gpus": "2", "backup": "backup-rank-1",
+              "started": "Data-parallel on 2 process(es) (torch.distributed, gloo",
+              "lost": "error: rank 0 lost contact with the other processes ("},
+    "jax": {"block": (), "gpus": "1", "backup": "backup-process-1",
+            "started": "Data-parallel on 2 replica(s) over 2 processes (jax.distributed",
+            "lost": "error: process 0 lost contact with the other processes ("},
+}
+
+
+def process_env(backend: str, rank: int, port: int) -> dict[str, str]:
+    if backend == "torch":
+        return child_env(KERAS_BACKEND="torch", WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    return child_env(KERAS_BACKEND="jax", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
+
+
+@pytest.fixture(scope="module", params=list(BACKENDS))
+def data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data, in a folder of the backend's name (which the other fixtures read)."""
+    if importlib.util.find_spec(request.param) is None:
+        pytest.skip(f"{request.param} is not installed")
+    return save_npz(tmp_path_factory.mktemp(request.param) / "data.npz", synthetic_raw(40, 10, seed=3))
+
+
+def backend_of(data: Path) -> str:
+    return data.parent.name.rstrip("0123456789")
 
 
 def start_ranks(folder: Path, run: str, wrapper: tuple[str, ...] = ()) -> list[tuple[subprocess.Popen, Path]]:
     """Two processes of one group on 127.0.0.1, rank `i` saving to `folder/rank-i`, its output in
     `folder/<run>-rank-<i>.log`."""
-    port = str(free_ports(1)[0])
+    backend = backend_of(folder.parent / "data.npz")
+    port = free_ports(1)[0]
     ranks = []
     for rank in range(2):
-        env = child_env(KERAS_BACKEND="torch", WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
         log = folder / f"{run}-rank-{rank}.log"
         with log.open("w") as out:
-            proc = start_script("tests/without_tensorflow.py", "--also-block", "jax", *wrapper,
-                                "capsulenet-multi-gpu.py", "--cpu", "--gpus", "2", *FLAGS, "--dataset",
-                                str(folder.parent / "data.npz"), "--save_dir", str(folder / f"rank-{rank}"),
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+            proc = start_script("tests/without_tensorflow.py", *BACKENDS[backend]["block"], *wrapper,
+                                "capsulenet-multi-gpu.py", "--cpu", "--gpus", BACKENDS[backend]["gpus"],
+                                *FLAGS, "--dataset", str(folder.parent / "data.npz"),
+                                "--save_dir", str(folder / f"rank-{rank}"),
+                                env=process_env(backend, rank, port), stdout=out, stderr=subprocess.STDOUT)
         ranks.append((proc, log))
     return ranks
 
 
 @pytest.fixture(scope="module")
-def one_process_log(data: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
-    save_dir = tmp_path_factory.mktemp("torch-one") / "result"
-    result = run_script("tests/without_tensorflow.py", "--also-block", "jax", "capsulenet.py", *FLAGS,
+def one_process_log(data: Path) -> pd.DataFrame:
+    backend = backend_of(data)
+    save_dir = data.parent / "one-process"
+    result = run_script("tests/without_tensorflow.py", *BACKENDS[backend]["block"], "capsulenet.py", *FLAGS,
                         "--dataset", str(data), "--save_dir", str(save_dir),
-                        env=child_env(KERAS_BACKEND="torch"), timeout=TIMEOUT_S)
+                        env=child_env(KERAS_BACKEND=backend), timeout=TIMEOUT_S)
     assert result.returncode == 0, describe(result)
     return pd.read_csv(save_dir / "log.csv")
 
@@ -83,7 +113,9 @@ def ranks_run(data: Path) -> dict[str, Any]:
     run: dict[str, Any] = {"folder": folder, "stopped": False}
     ranks = start_ranks(folder, "first")
     (chief, _), (other, _) = ranks
-    state = folder / "rank-1" / "backup-rank-1" / "state.json"
+    backend = backend_of(data)
+    run["backend"] = backend
+    state = folder / "rank-1" / BACKENDS[backend]["backup"] / "state.json"
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while time.monotonic() < deadline and chief.poll() is None and other.poll() is None:
@@ -102,7 +134,7 @@ def ranks_run(data: Path) -> dict[str, Any]:
     run["first_codes"] = [proc.returncode for proc, _ in ranks]
     run["first_logs"] = [log.read_text() for _, log in ranks]
     run["backup_epochs"] = [Backup(folder / "rank-0" / "backup").latest_epoch(),
-                            Backup(folder / "rank-1" / "backup-rank-1").latest_epoch()]
+                            Backup(folder / "rank-1" / BACKENDS[backend]["backup"]).latest_epoch()]
     rerun = start_ranks(folder, "rerun")
     run["rerun_codes"] = wait_all([proc for proc, _ in rerun], TIMEOUT_S)
     run["rerun_logs"] = [log.read_text() for _, log in rerun]
@@ -127,7 +159,7 @@ def test_a_killed_process_stops_the_other_with_one_line(ranks_run: dict[str, Any
     assert ranks_run["first_codes"][0] == 1, logs_of(logs)
     errors = [line for line in logs[0].splitlines() if line.startswith("error:")]
     assert len(errors) == 1, logs_of(logs)
-    assert errors[0].startswith("error: rank 0 lost contact with the other processes ("), errors[0]
+    assert errors[0].startswith(BACKENDS[ranks_run["backend"]]["lost"]), errors[0]
     assert "rerun every process with the same flags to resume" in errors[0]
     assert "Traceback" not in logs[0]
     assert ranks_run["backup_epochs"] == [1, 1]
@@ -137,7 +169,7 @@ def test_rerun_resumes_and_logs_as_one_process(ranks_run: dict[str, Any], one_pr
                                                ) -> None:
     logs = ranks_run["rerun_logs"]
     assert ranks_run["rerun_codes"] == [0, 0], logs_of(logs)
-    assert "Data-parallel on 2 process(es) (torch.distributed, gloo" in logs[0]
+    assert BACKENDS[ranks_run["backend"]]["started"] in logs[0], logs_of(logs)
     assert "Resuming after epoch 1" in logs[0], logs_of(logs)
     chief, other = ranks_run["folder"] / "rank-0", ranks_run["folder"] / "rank-1"
     for name in ("log.csv", "weights-01.weights.h5", "trained_model.weights.h5", "trained_model.keras",
