@@ -35,9 +35,10 @@ from errors import UserError
 
 # torchrun's variables (also what a hand-started process must set).
 ENV_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# How long a collective waits for a peer before failing: a dead peer is usually noticed at once (its
-# socket closes); this bounds a hung one.
-TIMEOUT = datetime.timedelta(minutes=10)
+# How long a collective waits for a peer before failing. A dead peer is noticed at once (its socket
+# closes); this bounds a hung one, and must outlast the chief's test on the whole test set (minutes on
+# a CPU), which the other processes wait for at the final barrier.
+TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def launched_by_torchrun(environ: dict[str, str] | None = None) -> bool:
