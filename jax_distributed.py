@@ -121,6 +121,20 @@ def agree_on_resume_point(cluster: Cluster, backup_dir: Path, epochs: int) -> No
     backup.roll_back(common)
 
 
+# What a failed collective says (JAX raises it as XlaRuntimeError / JaxRuntimeError from a step, as
+# ValueError from `device_put` onto other processes' devices, ...): gloo's closed connection, or the
+# coordination service's verdict.
+LOST_PEER_SIGNS = ("Gloo", "Connection closed", "heartbeat", "UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def lost_peer(error: Exception) -> bool:
+    """Whether `error` is a collective that failed because another process is gone."""
+    if isinstance(error, UserError):
+        return False
+    return (type(error).__name__ in ("XlaRuntimeError", "JaxRuntimeError")
+            or any(sign in str(error) for sign in LOST_PEER_SIGNS))
+
+
 def train(args: argparse.Namespace, cluster: Cluster, run: Callable[..., None],
           test_alone: Callable[[argparse.Namespace], None], draw: Callable[[Any], None]) -> None:
     """Trains data-parallel over every process's devices, then the chief tests on one device.
@@ -153,7 +167,7 @@ def train(args: argparse.Namespace, cluster: Cluster, run: Callable[..., None],
             test_alone(args)
         multihost_utils.sync_global_devices("capsnet: done")  # leave together
     except Exception as e:
-        if isinstance(e, UserError) or type(e).__name__ not in ("XlaRuntimeError", "JaxRuntimeError"):
+        if not lost_peer(e):
             raise
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         print(f"error: process {cluster.process_id} lost contact with the other processes ({reason}); "
