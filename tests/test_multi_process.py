@@ -34,9 +34,10 @@ import pytest
 from conftest import child_env, describe, run_script, save_npz, start_script, synthetic_raw
 from test_multi_gpu import free_ports, printed_accuracy, wait_all
 
+import errors
+import jax_distributed
+import torch_distributed
 from backup import Backup
-
-pytestmark = pytest.mark.slow
 
 FLAGS = ["--epochs", "2", "--batch_size", "10", "--seed", "4", "-r", "1", "--lr", "0.005"]
 TIMEOUT_S = 300
@@ -152,6 +153,7 @@ def mismatch(got: pd.DataFrame, want: pd.DataFrame) -> float:
     return float((np.abs(a - b) / (LOG_ATOL + LOG_RTOL * np.abs(b))).max())
 
 
+@pytest.mark.slow
 def test_a_killed_process_stops_the_other_with_one_line(ranks_run: dict[str, Any]) -> None:
     logs = ranks_run["first_logs"]
     assert ranks_run["first_codes"][1] == -signal.SIGKILL, logs_of(logs)
@@ -165,6 +167,7 @@ def test_a_killed_process_stops_the_other_with_one_line(ranks_run: dict[str, Any
     assert ranks_run["backup_epochs"] == [1, 1]
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_logs_as_one_process(ranks_run: dict[str, Any], one_process_log: pd.DataFrame
                                                ) -> None:
     logs = ranks_run["rerun_logs"]
@@ -181,6 +184,7 @@ def test_rerun_resumes_and_logs_as_one_process(ranks_run: dict[str, Any], one_pr
     assert printed_accuracy(logs[0]) == pytest.approx(log["val_capsnet_accuracy"].iloc[-1], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_without_the_gradient_all_reduce_the_log_differs(data: Path, one_process_log: pd.DataFrame) -> None:
     """The control: each process applying only its own half-batch's gradient logs something else."""
     folder = data.parent / "control"
@@ -190,3 +194,39 @@ def test_without_the_gradient_all_reduce_the_log_differs(data: Path, one_process
     logs = [log.read_text() for _, log in ranks]
     assert codes == [0, 0], logs_of(logs)
     assert mismatch(pd.read_csv(folder / "rank-0" / "log.csv"), one_process_log) > 10, logs_of(logs)
+
+
+def test_jax_processes_from_the_standard_variables() -> None:
+    assert jax_distributed.read_env({}) is None
+    cluster = jax_distributed.read_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "3",
+                                        "JAX_PROCESS_ID": "2"})
+    assert cluster == jax_distributed.Cluster("10.0.0.1:1234", 3, 2)
+    assert not cluster.is_chief and cluster.backup_dir_name == "backup-process-2"
+    assert jax_distributed.read_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
+                                     "JAX_PROCESS_ID": "0"}).backup_dir_name == "backup"
+    with pytest.raises(errors.UserError, match="also needs JAX_NUM_PROCESSES"):
+        jax_distributed.read_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "0"})
+    with pytest.raises(errors.UserError, match=r"JAX_PROCESS_ID 2: must be in \[0, JAX_NUM_PROCESSES = 2\)"):
+        jax_distributed.read_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
+                                  "JAX_PROCESS_ID": "2"})
+
+
+def test_torchrun_is_recognised_by_its_variables() -> None:
+    assert torch_distributed.launched_by_torchrun({"WORLD_SIZE": "2", "RANK": "1"})
+    assert not torch_distributed.launched_by_torchrun({"MASTER_ADDR": "h"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_tf_config_is_refused_on_jax_and_torch_in_one_line(backend: str, tmp_path: Path) -> None:
+    """TF_CONFIG is TensorFlow's: the other backends name their own variables (before any device)."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    config = json.dumps({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}})
+    result = run_script("capsulenet-multi-gpu.py", "--cpu", "--save_dir", str(tmp_path),
+                        env={**child_env(KERAS_BACKEND=backend), "TF_CONFIG": config}, timeout=TIMEOUT_S)
+    assert result.returncode == errors.EXIT_BAD_INPUT, describe(result)
+    expected = {"jax": "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID",
+                "torch": "WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT"}[backend]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: TF_CONFIG: on ") and expected in last, last
