@@ -9,7 +9,7 @@
   loss, reconstruction MSE, correct predictions) as a NumPy array;
 - `sync()`: make the model's and optimizer's variables hold the trained values (before they are saved).
 
-Two implementations of `Steps`:
+Three implementations of `Steps`:
 
 - `TensorFlowSteps`: a `tf.function` step under any `tf.distribute` strategy (one device,
   `MirroredStrategy` over several, `MultiWorkerMirroredStrategy` over machines, under which Keras 3's
@@ -18,6 +18,9 @@ Two implementations of `Steps`:
 - `JaxSteps`: a `jax.jit` pure function of the variables (`model.stateless_call`,
   `optimizer.stateless_apply`), data-parallel through `keras.distribution.DataParallel` when one is set:
   the batch is sharded over the devices and XLA inserts the gradient all-reduce.
+- `TorchSteps`: an eager PyTorch step (`loss.backward()`, then the Keras optimizer), as Keras' own
+  torch trainer runs it; under `torch.distributed` each process takes its slice of the global batch
+  and the gradients are summed across processes (`all_reduce`) before the update.
 """
 
 from __future__ import annotations
@@ -44,14 +47,16 @@ def make_steps(model: keras.Model, optimizer: Any, lam_recon: float, batch_size:
         objective: how a batch feeds the model and what is summed (`losses.ONE_DIGIT`, `TWO_DIGITS`).
 
     Raises:
-        ValueError: the backend is neither TensorFlow nor JAX.
+        ValueError: the backend is not TensorFlow, JAX or PyTorch.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
         return TensorFlowSteps(model, optimizer, lam_recon, batch_size, strategy, objective=objective)
     if backend == "jax":
         return JaxSteps(model, optimizer, lam_recon, batch_size, objective=objective)
-    raise ValueError(f"the {backend} backend is not supported for training; use tensorflow or jax")
+    if backend == "torch":
+        return TorchSteps(model, optimizer, lam_recon, batch_size, objective=objective)
+    raise ValueError(f"the {backend} backend is not supported for training; use tensorflow, jax or torch")
 
 
 class Steps:
@@ -233,3 +238,88 @@ class JaxSteps(Steps):
         trainable, non_trainable, _ = state
         terms, _ = self._terms(trainable, non_trainable, batch, training=False)
         return keras.ops.stack([keras.ops.sum(t * weight) for t in terms])
+
+
+class TorchSteps(Steps):
+    """Steps run eagerly on PyTorch: forward, `loss.backward()`, the Keras optimizer's update.
+
+    The model's variables are the tensors the steps update in place, so `reload()` and `sync()` have
+    nothing to do. When `torch.distributed` is initialised (`torchrun`), each process takes its
+    near-equal slice of the global batch (as `TensorFlowSteps._split`), the loss is its slice's sum
+    divided by the global batch size, and the gradients and the returned sums are summed over the
+    processes (`all_reduce`): every process then applies the gradient of the global batch mean, and
+    the replicas stay identical without a separate broadcast of the weights after the first.
+
+    Args:
+        model, optimizer, lam_recon, batch_size, objective: see `make_steps`.
+    """
+
+    def __init__(self, model: keras.Model, optimizer: Any, lam_recon: float, batch_size: int,
+                 objective: Objective = ONE_DIGIT) -> None:
+        import torch
+
+        super().__init__(model, optimizer, lam_recon, batch_size, objective)
+        self.torch = torch
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.replicas = torch.distributed.get_world_size() if distributed else 1
+        self.rank = torch.distributed.get_rank() if distributed else 0
+
+    def reload(self) -> None:
+        """Makes every process start from the chief's variables (a no-op on one process)."""
+        if self.replicas == 1:
+            return
+        with self.torch.no_grad():
+            for variable in self.model.variables + self.optimizer.variables:
+                self.torch.distributed.broadcast(variable.value, src=0)
+
+    def sync(self) -> None:
+        """Nothing to do: the steps update the variables themselves."""
+
+    def train(self, *batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        terms = self._terms(self._slice(batch), training=True)
+        # Sum over this process's samples / global batch: the summed gradients are then the gradient
+        # of the global batch mean.
+        loss = keras.ops.sum(terms[0]) / self.batch_size
+        if hasattr(self.optimizer, "scale_loss"):
+            loss = self.optimizer.scale_loss(loss)
+        variables = self.model.trainable_variables
+        for variable in variables:
+            variable.value.grad = None
+        loss.backward()
+        grads = [v.value.grad if v.value.grad is not None else torch.zeros_like(v.value) for v in variables]
+        if self.replicas > 1:
+            grads = self._all_reduce(grads)
+        with torch.no_grad():
+            self.optimizer.apply(grads, variables)
+        return self._sums(terms)
+
+    def _all_reduce(self, grads: list[Any]) -> list[Any]:
+        """The sums of every process's `grads`: one all-reduce of them all, not one per variable."""
+        flat = self.torch.cat([g.reshape(-1) for g in grads])
+        self.torch.distributed.all_reduce(flat)
+        parts = flat.split([g.numel() for g in grads])
+        return [part.view_as(g) for part, g in zip(parts, grads, strict=True)]
+
+    def evaluate(self, *batch: np.ndarray) -> np.ndarray:
+        with self.torch.no_grad():
+            if len(batch[0]) < self.replicas:  # some process would get no sample: each takes it all
+                return self._sums(self._terms(batch, training=False), reduce=False)
+            return self._sums(self._terms(self._slice(batch), training=False))
+
+    def _slice(self, batch: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        """This process's part of the global batch (the i-th of n near-equal parts)."""
+        if self.replicas == 1:
+            return batch
+        return tuple(np.array_split(a, self.replicas)[self.rank] for a in batch)
+
+    def _terms(self, batch: tuple[np.ndarray, ...], training: bool) -> tuple[Any, ...]:
+        tensors = tuple(keras.ops.convert_to_tensor(a) for a in batch)
+        outputs = self.model(self.objective.inputs(tensors), training=training)
+        return self.objective.terms(tensors, outputs, self.lam_recon)
+
+    def _sums(self, terms: tuple[Any, ...], reduce: bool = True) -> np.ndarray:
+        sums = self.torch.stack([self.torch.sum(t.detach()) for t in terms])
+        if reduce and self.replicas > 1:
+            self.torch.distributed.all_reduce(sums)
+        return sums.cpu().double().numpy()

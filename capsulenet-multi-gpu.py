@@ -12,7 +12,13 @@ share the work:
   logs, plots and test outputs; every worker keeps its own resumable backup;
 - JAX (`KERAS_BACKEND=jax`), one machine: `keras.distribution.DataParallel` over the first `--gpus`
   GPUs (or `--cpu`: as many CPU devices); each batch is sharded and XLA all-reduces the gradients.
+  Several machines: `jax.distributed.initialize` from `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`
+  and `JAX_PROCESS_ID`, the batch sharded over every process's devices (`jax_distributed.py`).
   `TF_CONFIG` is refused on JAX.
+- PyTorch (`KERAS_BACKEND=torch`): one process per GPU (or per CPU share with `--cpu`) joined by
+  `torch.distributed`, the gradients all-reduced in each step (`torch_distributed.py`); `--gpus N`
+  starts `torchrun --standalone --nproc_per_node N` on this machine, and several machines are
+  started with torchrun (its standard variables: `WORLD_SIZE`, `RANK`, `MASTER_ADDR`, `MASTER_PORT`).
 
 Each step splits the global batch (`--batch_size`, 300 by default) across the replicas and
 all-reduces the gradients (the Keras optimizer sums them over the replicas). After training it saves
@@ -197,9 +203,16 @@ def train_data_parallel_jax(args: argparse.Namespace, task: Task | None) -> None
     XLA all-reduces the gradients), then the same test on one device."""
     import keras
 
+    import jax_distributed
+
     if task is not None:
-        raise UserError("TF_CONFIG: training across machines runs on the TensorFlow backend "
-                        "(MultiWorkerMirroredStrategy); on JAX, train on one machine's GPUs with --gpus N")
+        raise UserError("TF_CONFIG: on JAX, start every machine with JAX_COORDINATOR_ADDRESS, "
+                        "JAX_NUM_PROCESSES and JAX_PROCESS_ID (jax.distributed); TF_CONFIG is TensorFlow's")
+    cluster = jax_distributed.read_env()
+    if cluster is not None and not (args.testing or args.predict is not None or args.export is not None):
+        jax_distributed.train(args, cluster, capsulenet.run, test_alone,
+                              draw=lambda model: utils.plot_model(model, Path(args.save_dir) / "model.png"))
+        return
     devices = jax_devices(args)
     if args.batch_size % len(devices):
         raise UserError(f"--batch_size {args.batch_size}: must be a multiple of the number of devices "
@@ -213,6 +226,31 @@ def train_data_parallel_jax(args: argparse.Namespace, task: Task | None) -> None
     capsulenet.run(args, on_model=lambda model: utils.plot_model(model, Path(args.save_dir) / "model.png"))
     keras.distribution.set_distribution(None)
     test_alone(args)
+
+
+def train_data_parallel_torch(args: argparse.Namespace, task: Task | None) -> None:
+    """The PyTorch backend: processes joined by `torch.distributed` (started here through torchrun
+    unless torchrun started this one), then the same test on one device."""
+    import torch_distributed
+
+    if task is not None:
+        raise UserError("TF_CONFIG: on PyTorch, start every machine with torchrun (its variables "
+                        "WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT say who is who); TF_CONFIG is "
+                        "TensorFlow's")
+    if args.testing or args.predict is not None or args.export is not None:  # no replicas needed
+        capsulenet.run(args)
+        return
+    if not torch_distributed.launched_by_torchrun():
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if not args.cpu and args.gpus > gpus:
+            visible = f"only {gpus} GPU(s) are visible" if gpus else "no GPU is visible"
+            raise UserError(f"--gpus {args.gpus}: {visible}; ask for fewer, or add --cpu to "
+                            f"train on {args.gpus} CPU processes")
+        raise SystemExit(torch_distributed.relaunch_with_torchrun(args.gpus, sys.argv[1:]))
+    torch_distributed.train(args, capsulenet.run, test_alone,
+                            draw=lambda model: utils.plot_model(model, Path(args.save_dir) / "model.png"))
 
 
 def sum_over_workers(strategy: Any, values: Sequence[int]) -> list[int]:
@@ -306,6 +344,9 @@ def train_distributed(args: argparse.Namespace) -> None:
     task = read_tf_config()
     if capsulenet.keras.backend.backend() == "jax":
         train_data_parallel_jax(args, task)
+        return
+    if capsulenet.keras.backend.backend() == "torch":
+        train_data_parallel_torch(args, task)
         return
     is_chief = task is None or task.is_chief
     if args.testing or args.predict is not None or args.export is not None:

@@ -68,8 +68,8 @@ from losses import margin_loss  # noqa: E402, F401
 from training import train  # noqa: E402, F401
 
 BACKUP_DIR = "backup"
-# The backends with a training step in backends.py. PyTorch would need a third step of its own.
-SUPPORTED_BACKENDS = ("tensorflow", "jax")
+# The backends with a training step in backends.py.
+SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 # Flags that must match for a run to resume where another stopped.
 RESUME_FLAGS = ("batch_size", "lr", "lr_decay", "lam_recon", "routings", "shift_fraction", "dataset")
 
@@ -172,7 +172,7 @@ def validate_args(args: argparse.Namespace, extra: Sequence[tuple[str, bool, str
     backend = keras.backend.backend()
     if backend not in SUPPORTED_BACKENDS:
         raise UserError(f"KERAS_BACKEND={backend}: not supported; this project trains and tests on "
-                        "tensorflow (the default) or jax (KERAS_BACKEND=jax)")
+                        "tensorflow (the default), jax (KERAS_BACKEND=jax) or torch (KERAS_BACKEND=torch)")
     if args.image_size is not None and min(args.image_size) < 1:
         raise UserError(f"--image_size {args.image_size[0]} {args.image_size[1]}: must be positive")
     for flag, used in (("--predict", args.predict is not None), ("--export", args.export is not None)):

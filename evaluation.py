@@ -80,9 +80,9 @@ def test_two_digits(eval_model: keras.Model, pairs: Any, batch_size: int = 100,
     decoder = eval_model.get_layer("decoder")
     # Called directly, not with `predict`: a model built per call would make `predict` trace anew.
     encoder = keras.Model(eval_model.inputs[0], eval_model.get_layer("digitcaps").output)
-    capsules = np.asarray(encoder(shown.x, training=False))  # [50, n_class, 16]
-    recons = [np.asarray(decoder((capsules * eye[top2[:, k]][:, :, None]).reshape(len(capsules), -1),
-                                 training=False)) for k in (0, 1)]
+    capsules = keras.ops.convert_to_numpy(encoder(shown.x, training=False))  # [50, n_class, 16]
+    recons = [keras.ops.convert_to_numpy(decoder(
+        (capsules * eye[top2[:, k]][:, :, None]).reshape(len(capsules), -1), training=False)) for k in (0, 1)]
     path = Path(save_dir) / "real_and_recon.png"
     utils.save_image(multimnist.overlay_image(shown.x, *recons), path)
     print(f"Reconstructed images are saved to {path}")
@@ -131,10 +131,11 @@ def manipulate_latent(model: keras.Model, data: tuple[np.ndarray, np.ndarray], d
     encoder = keras.Model(model.inputs[0], model.get_layer("digitcaps").output)
     # Called directly, not with `predict`: the encoder is built per call and `predict` would trace it
     # anew every time (TensorFlow warns of retracing after a few calls, e.g. one grid per class).
-    capsules = np.asarray(encoder(x_test[index : index + 1], training=False))  # [1, n_class, 16]
+    capsules = keras.ops.convert_to_numpy(encoder(x_test[index : index + 1], training=False))  # [1, n, 16]
     masked = (capsules + noise) * y_test[index][None, :, None]  # keep the label's capsule
     decoder = model.get_layer("decoder")
-    x_recons = np.asarray(decoder(masked.reshape(len(noise), -1).astype("float32"), training=False))
+    x_recons = keras.ops.convert_to_numpy(
+        decoder(masked.reshape(len(noise), -1).astype("float32"), training=False))
     image = utils.combine_images(x_recons, height=CAPSULE_DIM)
     path = Path(save_dir) / f"manipulate-{digit}.png"
     utils.save_image(image, path)

@@ -65,8 +65,8 @@ def encode(eval_model: Any, x: np.ndarray, batch_size: int = 100) -> tuple[np.nd
     encoder = keras.Model(eval_model.inputs[0], [eval_model.get_layer("digitcaps").output,
                                                  eval_model.get_layer("capsnet").output])
     # Called directly, not with `predict`: the model is built per call and `predict` would trace it.
-    parts = [[np.asarray(t, dtype=np.float32) for t in encoder(x[i : i + batch_size], training=False)]
-             for i in range(0, len(x), batch_size)]
+    parts = [[keras.ops.convert_to_numpy(t).astype(np.float32)  # torch tensors may require grad
+              for t in encoder(x[i : i + batch_size], training=False)] for i in range(0, len(x), batch_size)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 

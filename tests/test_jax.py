@@ -135,11 +135,11 @@ def test_jax_data_parallel_on_two_cpu_devices_equals_one_device(
 
 def test_other_backends_are_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")  # Keras' inference-only backend
     assert capsulenet.main(["--save_dir", str(tmp_path)]) == errors.EXIT_BAD_INPUT
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: KERAS_BACKEND=torch: not supported; this project trains and tests on tensorflow "
-        "(the default) or jax (KERAS_BACKEND=jax)"]
+        "error: KERAS_BACKEND=numpy: not supported; this project trains and tests on tensorflow "
+        "(the default), jax (KERAS_BACKEND=jax) or torch (KERAS_BACKEND=torch)"]
 
 
 @pytest.mark.slow
