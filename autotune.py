@@ -244,7 +244,7 @@ def machine_key() -> dict[str, Any]:
 def conv_step(layer: Any, input_shape: tuple[int, ...], input_grad: bool) -> Callable[[], Any] | None:
     """Forward + backward of a built `layer` on random inputs of `input_shape`: the gradients of
     `sum(layer(x) * upstream)` for its weights and, with `input_grad`, for `x` (as in training, where
-    only the first layer's input needs none). None on a backend without a timer here (PyTorch)."""
+    only the first layer's input needs none). None on a backend without a timer here."""
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal(input_shape).astype("float32")
     upstream_np = rng.standard_normal(layer.compute_output_shape(input_shape)).astype("float32")
@@ -280,6 +280,22 @@ def conv_step(layer: Any, input_shape: tuple[int, ...], input_grad: bool) -> Cal
 
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1) if input_grad else 0))
         return lambda: jax.block_until_ready(step(trainable, x))
+    if backend == "torch":
+        import torch
+
+        # On Keras' device (a GPU when there is one); eager, as TorchSteps trains.
+        x = keras.ops.convert_to_tensor(x_np).requires_grad_(input_grad)
+        upstream = keras.ops.convert_to_tensor(upstream_np)
+        variables = [v.value for v in layer.trainable_variables]
+
+        def torch_step() -> Any:
+            loss = torch.sum(layer(x).float() * upstream)
+            torch.autograd.grad(loss, variables + ([x] if input_grad else []))
+            if x.is_cuda:  # kernels run asynchronously: wait for them, or only the launches are timed
+                torch.cuda.synchronize(x.device)
+            return loss.item()
+
+        return torch_step
     return None
 
 

@@ -13,6 +13,7 @@ checked output for output in test_backends.py; here the same `-t` accuracy both 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -152,3 +153,33 @@ def test_torch_resume_continues_as_an_uninterrupted_run(tmp_path: Path) -> None:
     assert straight.shape == resumed.shape == (2, len(LOG_COLUMNS))
     np.testing.assert_allclose(resumed, straight, rtol=1e-5, atol=1e-7)
     assert found["weight_diff"] < 1e-6
+
+
+def test_the_autotuner_times_both_convolutions_on_pytorch(tmp_path: Path) -> None:
+    """`autotune`'s PyTorch timer (forward + backward, eager as `TorchSteps`): both candidates are timed
+    and the faster one is what `tune_model` chooses, on PyTorch alone."""
+    script = tmp_path / "tune.py"
+    script.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "import keras, autotune, capsulelayers\n"
+        "x = keras.Input((9, 9, 3))\n"
+        "h = capsulelayers.Conv2D(4, 3, name='first')(x)\n"
+        "model = keras.Model(x, capsulelayers.Conv2D(4, 3, strides=2, name='primary')(h))\n"
+        "seconds = {}\n"
+        "def timer(config, input_shape, input_grad=True, policy=None):\n"
+        "    seconds[config['name']] = autotune.time_conv_candidates(config, input_shape, input_grad,\n"
+        "                                                            policy, rounds=1)\n"
+        "    return seconds[config['name']]\n"
+        "import pathlib; cache = autotune.DecisionCache(pathlib.Path(sys.argv[1]))\n"
+        "choices = autotune.tune_model(model, 2, cache=cache, timer=timer)\n"
+        "print('RESULT', json.dumps({'seconds': seconds, 'choices': choices}))\n")
+    result = run_script("tests/without_tensorflow.py", "--also-block", "jax", str(script),
+                        str(tmp_path / "decisions.json"),
+                        env=child_env(KERAS_BACKEND="torch", CAPSNET_AUTOTUNE="on"), timeout=600)
+    assert result.returncode == 0, describe(result)
+    found = json.loads(result.stdout.split("RESULT ", 1)[1])
+    assert set(found["seconds"]) == {"first", "primary"}
+    for name, seconds in found["seconds"].items():
+        assert set(seconds) == {"im2col", "conv"} and all(0 < s < 60 for s in seconds.values())
+        assert found["choices"][name] == min(seconds, key=seconds.get)
