@@ -210,8 +210,10 @@ def train_data_parallel_jax(args: argparse.Namespace, task: Task | None) -> None
                         "JAX_NUM_PROCESSES and JAX_PROCESS_ID (jax.distributed); TF_CONFIG is TensorFlow's")
     cluster = jax_distributed.read_env()
     if cluster is not None and not (args.testing or args.predict is not None or args.export is not None):
-        jax_distributed.train(args, cluster, capsulenet.run, test_alone,
-                              draw=lambda model: utils.plot_model(model, Path(args.save_dir) / "model.png"))
+        jax_distributed.train(cluster, cpu=args.cpu, gpus=args.gpus, batch_size=args.batch_size,
+                              save_dir=args.save_dir, seed=args.seed, epochs=args.epochs,
+                              run=lambda *where: run_on_process(args, *where),
+                              test_alone=lambda: test_alone(args))
         return
     devices = jax_devices(args)
     if args.batch_size % len(devices):
@@ -249,8 +251,18 @@ def train_data_parallel_torch(args: argparse.Namespace, task: Task | None) -> No
             raise UserError(f"--gpus {args.gpus}: {visible}; ask for fewer, or add --cpu to "
                             f"train on {args.gpus} CPU processes")
         raise SystemExit(torch_distributed.relaunch_with_torchrun(args.gpus, sys.argv[1:]))
-    torch_distributed.train(args, capsulenet.run, test_alone,
-                            draw=lambda model: utils.plot_model(model, Path(args.save_dir) / "model.png"))
+    torch_distributed.train(cpu=args.cpu, batch_size=args.batch_size, save_dir=args.save_dir, seed=args.seed,
+                            epochs=args.epochs, run=lambda *where: run_on_process(args, *where),
+                            test_alone=lambda: test_alone(args))
+
+
+def run_on_process(args: argparse.Namespace, seed: int, is_chief: bool, backup_dir: str) -> None:
+    """One process of a multi-process JAX or PyTorch run: trains with the seed every process agreed
+    on (recorded in `args` for the backup's flags), writing the user's files on the chief only."""
+    args.seed = seed
+    capsulenet.run(args, is_chief=is_chief, backup_dir=backup_dir,
+                   on_model=(lambda model: utils.plot_model(model, Path(args.save_dir) / "model.png"))
+                   if is_chief else None)
 
 
 def sum_over_workers(strategy: Any, values: Sequence[int]) -> list[int]:

@@ -18,7 +18,6 @@ and all agree on the epoch to resume from.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -135,36 +134,38 @@ def lost_peer(error: Exception) -> bool:
             or any(sign in str(error) for sign in LOST_PEER_SIGNS))
 
 
-def train(args: argparse.Namespace, cluster: Cluster, run: Callable[..., None],
-          test_alone: Callable[[argparse.Namespace], None], draw: Callable[[Any], None]) -> None:
+def train(cluster: Cluster, *, cpu: bool, gpus: int, batch_size: int, save_dir: str, seed: int | None,
+          epochs: int, run: Callable[[int, bool, str], None], test_alone: Callable[[], None]) -> None:
     """Trains data-parallel over every process's devices, then the chief tests on one device.
 
     Args:
-        args: the parsed flags of `capsulenet-multi-gpu.py`.
         cluster: from `read_env`.
-        run: `capsulenet.run`; test_alone: the script's one-device test; draw: `model.png`.
+        cpu, gpus: this process' devices (`join`); batch_size: the global batch, a multiple of
+            the device count; save_dir: where the backups go; seed: this process' `--seed` (the chief's
+            wins); epochs: the run's length (the resume point is agreed against it).
+        run: trains with `(seed, is_chief, backup_dir)` (the script's `capsulenet.run`);
+        test_alone: the chief's one-device test after training.
     """
     import keras
     from jax.experimental import multihost_utils
 
-    devices = join(cluster, args.cpu, args.gpus)
-    if args.batch_size % len(devices):
-        raise UserError(f"--batch_size {args.batch_size}: must be a multiple of the number of devices "
+    devices = join(cluster, cpu, gpus)
+    if batch_size % len(devices):
+        raise UserError(f"--batch_size {batch_size}: must be a multiple of the number of devices "
                         f"({len(devices)} over {cluster.processes} processes) on the JAX backend")
-    backup_dir = Path(args.save_dir) / cluster.backup_dir_name
+    backup_dir = Path(save_dir) / cluster.backup_dir_name
     try:
-        args.seed = agree_on_seed(cluster, args.seed)
-        agree_on_resume_point(cluster, backup_dir, args.epochs)
+        seed = agree_on_seed(cluster, seed)
+        agree_on_resume_point(cluster, backup_dir, epochs)
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
         if cluster.is_chief:
             print(f"Data-parallel on {len(devices)} replica(s) over {cluster.processes} processes "
                   f"(jax.distributed + keras.distribution.DataParallel; coordinator "
                   f"{cluster.coordinator})")
-        run(args, is_chief=cluster.is_chief, backup_dir=str(backup_dir),
-            on_model=draw if cluster.is_chief else None)
+        run(seed, cluster.is_chief, str(backup_dir))
         keras.distribution.set_distribution(None)
         if cluster.is_chief:
-            test_alone(args)
+            test_alone()
         multihost_utils.sync_global_devices("capsnet: done")  # leave together
     except Exception as e:
         if not lost_peer(e):

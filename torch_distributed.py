@@ -21,14 +21,12 @@ and exit code 1; rerunning the same command resumes from the last completed epoc
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from backup import Backup
 from errors import UserError
@@ -142,29 +140,31 @@ def peers_watched(group: Group, backup_dir: Path) -> Iterator[None]:
         raise SystemExit(1) from e
 
 
-def train(args: argparse.Namespace, run: Callable[..., None],
-          test_alone: Callable[[argparse.Namespace], None], draw: Callable[[Any], None]) -> None:
+def train(*, cpu: bool, batch_size: int, save_dir: str, seed: int | None, epochs: int,
+          run: Callable[[int, bool, str], None], test_alone: Callable[[], None]) -> None:
     """Trains under torchrun's group (joined here), then the chief tests on one device.
 
     Args:
-        args: the parsed flags of `capsulenet-multi-gpu.py`.
-        run: `capsulenet.run`; test_alone: the script's one-device test; draw: `model.png`.
+        cpu: gloo on the CPU even where GPUs are visible; batch_size: the global batch, split
+            across the processes; save_dir: where the backups go; seed: this process' `--seed` (the
+            chief's wins); epochs: the run's length (the resume point is agreed against it).
+        run: trains with `(seed, is_chief, backup_dir)` (the script's `capsulenet.run`);
+        test_alone: the chief's one-device test after training.
     """
-    group = Group(args.cpu)
-    if args.batch_size < group.world:
+    group = Group(cpu)
+    if batch_size < group.world:
         group.close()
-        raise UserError(f"--batch_size {args.batch_size}: must be at least the number of processes "
+        raise UserError(f"--batch_size {batch_size}: must be at least the number of processes "
                         f"({group.world}); it is split across them")
-    backup_dir = Path(args.save_dir) / group.backup_dir_name
+    backup_dir = Path(save_dir) / group.backup_dir_name
     with peers_watched(group, backup_dir):
-        args.seed = agree_on_seed(group, args.seed)
+        seed = agree_on_seed(group, seed)
         if group.is_chief:
             print(f"Data-parallel on {group.world} process(es) (torch.distributed, "
                   f"{group.dist.get_backend()}; rank 0 on {group.device})")
-        agree_on_resume_point(group, backup_dir, args.epochs)
-        run(args, is_chief=group.is_chief, backup_dir=str(backup_dir),
-            on_model=draw if group.is_chief else None)
+        agree_on_resume_point(group, backup_dir, epochs)
+        run(seed, group.is_chief, str(backup_dir))
         if group.is_chief:
-            test_alone(args)
+            test_alone()
         group.sum([1])  # leave together: a process that exits early looks like a crash to the others
     group.close()
