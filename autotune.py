@@ -60,6 +60,11 @@ CANDIDATES = ("im2col", "conv")
 ROUNDS = 3
 # A candidate this many times slower than another after one round is not timed again.
 CLEAR_MARGIN = 2.0
+# A first call (compilation included) this many times the other candidate's, and over FIRST_CALL_FLOOR
+# seconds, decides without timed rounds: XLA's CPU convolution backward took 40 s per call against
+# 0.8 s for im2col (JAX 0.10.2, 2 cores), and a compilation is not that much slower than another.
+FIRST_CALL_MARGIN = 10.0
+FIRST_CALL_FLOOR = 5.0
 # The bfloat16 probe times the PrimaryCaps convolution at no more than this batch: on a CPU that
 # emulates bfloat16 a batch of 100 took 8-14 s per call (AMD EPYC, AVX2), and the ratio is per image.
 PROBE_BATCH = 16
@@ -300,12 +305,21 @@ def conv_step(layer: Any, input_shape: tuple[int, ...], input_grad: bool) -> Cal
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], rounds: int = ROUNDS) -> dict[str, float]:
-    """Median seconds of each function over up to `rounds` calls, after one untimed call each; the
-    order rotates round after round, so that other work on the machine slows every candidate alike.
-    Stops early once one is `CLEAR_MARGIN` times slower than another: more calls of a candidate that
-    slow (XLA's CPU convolution backward takes many seconds) would not change the choice."""
-    for fn in fns.values():
+    """Median seconds of each function over up to `rounds` calls, after one call each that is not
+    counted (tracing, first-touch allocation); the order rotates round after round, so that other work
+    on the machine slows every candidate alike. Stops early once one is `CLEAR_MARGIN` times slower
+    than another: more calls of a candidate that slow (XLA's CPU convolution backward takes many
+    seconds) would not change the choice. Where one first call already took `FIRST_CALL_MARGIN` times
+    the other's (and over `FIRST_CALL_FLOOR` s), those first calls' seconds are returned, untimed
+    rounds spared."""
+    first = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
         fn()
+        first[name] = time.perf_counter() - start
+    fastest = min(first.values())
+    if max(first.values()) > max(FIRST_CALL_MARGIN * fastest, FIRST_CALL_FLOOR):
+        return first  # compilation included on both sides; the slow one cannot win
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):

@@ -53,7 +53,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 
 import capsulenet  # noqa: E402 - imports TensorFlow but initialises no device
 import utils  # noqa: E402
-from backup import Backup  # noqa: E402
+from backup import agree_on_resume_point as agree_on_backups  # noqa: E402
 from errors import UserError  # noqa: E402
 
 TASK_TYPES = ("chief", "worker")
@@ -292,27 +292,14 @@ def agree_on_seed(strategy: Any, seed: int | None, is_chief: bool) -> int:
 
 
 def agree_on_resume_point(strategy: Any, backup_dir: Path, epochs: int) -> None:
-    """Makes every worker resume after the same epoch: the earliest any worker backed up.
+    """Makes every worker resume after the same epoch, the earliest any worker backed up
+    (`backup.agree_on_resume_point`)."""
 
-    Workers stopped between their epoch-end writes can be one epoch apart; each keeps the epoch
-    before its latest, so the ahead ones roll back to it. Otherwise they would run different numbers
-    of steps and wait for each other forever.
+    def earliest(latest: int) -> int:  # a sum of one-hot vectors over the workers
+        counts = sum_over_workers(strategy, [int(e == latest) for e in range(epochs + 1)])
+        return next(e for e, count in enumerate(counts) if count)
 
-    Raises:
-        UserError: this worker no longer holds the common epoch's backup.
-    """
-    backup = Backup(backup_dir)
-    latest = min(backup.latest_epoch(), epochs)
-    counts = sum_over_workers(strategy, [int(e == latest) for e in range(epochs + 1)])
-    common = next(e for e, count in enumerate(counts) if count)
-    if common == latest:
-        return
-    if common != 0 and common not in backup.epochs():
-        raise UserError(f"{backup_dir}: this worker's backup ends after epoch {latest}, another "
-                        f"worker's after epoch {common}; delete every worker's backup folder "
-                        "(save_dir/backup*) to start over")
-    print(f"Another worker's backup ends after epoch {common}: resuming from there")
-    backup.roll_back(common)
+    agree_on_backups(backup_dir, epochs, earliest, peer="worker")
 
 
 def describe(strategy: Any, task: Task | None) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backup import Backup
+from backup import agree_on_resume_point as agree_on_backups
 from errors import UserError
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -108,16 +108,8 @@ def agree_on_resume_point(cluster: Cluster, backup_dir: Path, epochs: int) -> No
     import numpy as np
     from jax.experimental import multihost_utils
 
-    backup = Backup(backup_dir)
-    latest = min(backup.latest_epoch(), epochs)
-    common = int(np.min(multihost_utils.process_allgather(np.int32(latest))))
-    if common == latest:
-        return
-    if common != 0 and common not in backup.epochs():
-        raise UserError(f"{backup_dir}: this process's backup ends after epoch {latest}, another's after "
-                        f"epoch {common}; delete every backup folder (save_dir/backup*) to start over")
-    print(f"Another process's backup ends after epoch {common}: resuming from there")
-    backup.roll_back(common)
+    agree_on_backups(
+        backup_dir, epochs, lambda latest: int(np.min(multihost_utils.process_allgather(np.int32(latest)))))
 
 
 # What a failed collective says (JAX raises it as XlaRuntimeError / JaxRuntimeError from a step, as

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from backup import Backup
+from backup import agree_on_resume_point as agree_on_backups
 from errors import UserError
 
 # torchrun's variables (also what a hand-started process must set).
@@ -110,19 +110,13 @@ def agree_on_seed(group: Group, seed: int | None) -> int:
 
 
 def agree_on_resume_point(group: Group, backup_dir: Path, epochs: int) -> None:
-    """Every process resumes after the same epoch, the earliest any backed up (as on TensorFlow:
-    `capsulenet-multi-gpu.agree_on_resume_point`)."""
-    backup = Backup(backup_dir)
-    latest = min(backup.latest_epoch(), epochs)
-    counts = group.sum([int(e == latest) for e in range(epochs + 1)])
-    common = next(e for e, count in enumerate(counts) if count)
-    if common == latest:
-        return
-    if common != 0 and common not in backup.epochs():
-        raise UserError(f"{backup_dir}: this process's backup ends after epoch {latest}, another's after "
-                        f"epoch {common}; delete every backup folder (save_dir/backup*) to start over")
-    print(f"Another process's backup ends after epoch {common}: resuming from there")
-    backup.roll_back(common)
+    """Every process resumes after the same epoch, the earliest any backed up."""
+
+    def earliest(latest: int) -> int:  # a sum of one-hot vectors: gloo and NCCL both sum
+        counts = group.sum([int(e == latest) for e in range(epochs + 1)])
+        return next(e for e, count in enumerate(counts) if count)
+
+    agree_on_backups(backup_dir, epochs, earliest)
 
 
 @contextlib.contextmanager

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,8 +26,8 @@ from typing import Any
 
 import common
 import numpy as np
+from epoch import product_epoch
 
-EPOCH_LINE = re.compile(r"^(\d+)s - loss: ", re.MULTILINE)
 BACKENDS = ("tensorflow", "jax", "torch")
 INTRO = ("\n## One CPU epoch per Keras backend (`python bench/backends_epoch.py`)\n\n"
          "The same CLI epoch on TensorFlow, JAX and PyTorch, each in a fresh process, in one run.\n\n")
@@ -50,24 +47,6 @@ def subset(dataset: str, n_train: int, n_test: int, folder: Path) -> Path:
     np.savez(path, x_train=images(x_train[:n_train]), y_train=y_train[:n_train].argmax(1),
              x_test=images(x_test[:n_test]), y_test=y_test[:n_test].argmax(1))
     return path
-
-
-def backend_epoch(backend: str, dataset: Path, seed: int, save_dir: Path) -> dict[str, Any]:
-    """`capsulenet.py --epochs 1` on `backend` in a fresh process: its printed epoch seconds, the
-    process's seconds, and the validation accuracy of its `log.csv`."""
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, str(common.REPO_ROOT / "capsulenet.py"), "--epochs", "1",
-                             "--dataset", str(dataset), "--seed", str(seed), "--save_dir", str(save_dir)],
-                            capture_output=True, text=True, cwd=common.REPO_ROOT,
-                            env=common.child_env({"KERAS_BACKEND": backend}))
-    wall = time.perf_counter() - start
-    found = EPOCH_LINE.findall(result.stdout)
-    if result.returncode != 0 or not found:
-        return {"error": common.last_line(result.stderr)}
-    with open(save_dir / "log.csv") as f:
-        header, row = f.read().splitlines()[:2]
-    log = dict(zip(header.split(","), (float(v) for v in row.split(",")), strict=True))
-    return {"epoch_s": float(found[-1]), "process_s": wall, "accuracy": log["val_capsnet_accuracy"]}
 
 
 def versions() -> str:
@@ -117,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results[backend] = {"error": "not installed"}
                 continue
             print(f"{backend}: one epoch ...", flush=True)
-            results[backend] = backend_epoch(backend, data, args.seed, Path(folder) / backend)
+            results[backend] = product_epoch(str(data), args.seed, Path(folder) / backend, backend=backend)
             print(f"{backend}: {results[backend]}", flush=True)
     text = render(results, args, [a for a in argv if a != "--write"], date)
     print(text)

@@ -39,12 +39,15 @@ INTRO = ("\n## One MNIST epoch end to end (`python bench/epoch.py`)\n\n"
          "This project's CLI and the original formulation's `fit`, one real epoch each, in one run.\n\n")
 
 
-def product_epoch(dataset: str, seed: int, save_dir: Path) -> dict[str, Any]:
-    """`capsulenet.py --epochs 1` in a fresh process: its printed epoch seconds and its accuracy."""
+def product_epoch(dataset: str, seed: int, save_dir: Path, backend: str | None = None) -> dict[str, Any]:
+    """`capsulenet.py --epochs 1` in a fresh process (on Keras backend `backend`, default the
+    environment's): its printed epoch seconds, the process's seconds and the validation accuracy of
+    its `log.csv`."""
     start = time.perf_counter()
+    env = common.child_env({"KERAS_BACKEND": backend} if backend else None)
     result = subprocess.run([sys.executable, str(common.REPO_ROOT / "capsulenet.py"), "--epochs", "1",
                              "--dataset", dataset, "--seed", str(seed), "--save_dir", str(save_dir)],
-                            capture_output=True, text=True, env=common.child_env(), cwd=common.REPO_ROOT)
+                            capture_output=True, text=True, env=env, cwd=common.REPO_ROOT)
     wall = time.perf_counter() - start
     found = EPOCH_LINE.findall(result.stdout)
     if result.returncode != 0 or not found:

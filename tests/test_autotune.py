@@ -267,3 +267,13 @@ def test_timing_stops_once_the_choice_is_clear(monkeypatch: pytest.MonkeyPatch) 
     clear = {"im2col": costs("im2col", [9.0, 1.0]), "conv": costs("conv", [9.0, 2.5])}
     assert autotune.interleaved_medians(clear, rounds=3) == {"im2col": 1.0, "conv": 2.5}
     assert calls == {"im2col": 2, "conv": 2}
+    calls.clear()
+    # a first call 40 s against 2 s (XLA's CPU convolution backward): decided without timed rounds
+    hopeless = {"im2col": costs("im2col", [2.0, 1.0]), "conv": costs("conv", [40.0, 38.0])}
+    assert autotune.interleaved_medians(hopeless, rounds=3) == {"im2col": 2.0, "conv": 40.0}
+    assert calls == {"im2col": 1, "conv": 1}
+    calls.clear()
+    # 10x apart but both short (compilation): timed as usual
+    quick = {"im2col": costs("im2col", [0.4, 1.0]), "conv": costs("conv", [4.0, 1.5])}
+    assert autotune.interleaved_medians(quick, rounds=3) == {"im2col": 1.0, "conv": 1.5}
+    assert calls == {"im2col": 4, "conv": 4}
