@@ -403,6 +403,35 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
 LOST_PEER_TIMEOUT_S = 120
 
 
+def kill_after_first_epoch(chief: subprocess.Popen, other: subprocess.Popen, state: Path, timeout_s: float,
+                           stop_timeout_s: float) -> float | None:
+    """SIGKILLs `other` once its backup `state` (a `state.json`) records epoch 1, i.e. inside the
+    second epoch, then waits up to `stop_timeout_s` for `chief` to stop by itself; whatever still runs
+    after that (or after `timeout_s` without the epoch) is killed.
+
+    Returns:
+        the seconds `chief` took to stop after the kill, or None if it did not stop in time.
+    """
+    stopped_within_s = None
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and chief.poll() is None and other.poll() is None:
+            if state.exists() and json.loads(state.read_text())["epoch"] >= 1:
+                other.send_signal(signal.SIGKILL)
+                killed = time.monotonic()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    chief.wait(timeout=stop_timeout_s)
+                    stopped_within_s = time.monotonic() - killed
+                break
+            time.sleep(0.05)
+    finally:
+        for proc in (chief, other):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    return stopped_within_s
+
+
 @pytest.fixture(scope="module")
 def workers_run(data_100: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two localhost workers with PARALLEL_FLAGS; worker 1 is SIGKILLed once its first epoch is backed
@@ -417,22 +446,8 @@ def workers_run(data_100: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     workers = start_workers(2, argv, folder, run="first")
     (chief, _), (other, _) = workers
     state = folder / "worker-1" / "backup-worker-1" / "state.json"
-    try:
-        deadline = time.monotonic() + WORKER_TIMEOUT_S
-        while time.monotonic() < deadline and chief.poll() is None and other.poll() is None:
-            if state.exists() and json.loads(state.read_text())["epoch"] >= 1:
-                other.send_signal(signal.SIGKILL)
-                killed = time.monotonic()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    chief.wait(timeout=LOST_PEER_TIMEOUT_S)
-                    run["stopped_within_s"] = time.monotonic() - killed
-                break
-            time.sleep(0.05)
-    finally:
-        for proc, _ in workers:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+    run["stopped_within_s"] = kill_after_first_epoch(chief, other, state, WORKER_TIMEOUT_S,
+                                                     LOST_PEER_TIMEOUT_S)
     run["first_codes"] = [proc.returncode for proc, _ in workers]
     run["first_logs"] = [log.read_text() for _, log in workers]
     run["backup_epochs"] = [Backup(folder / "worker-0" / "backup").latest_epoch(),

@@ -19,12 +19,10 @@ that is not installed is skipped.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import child_env, describe, run_script, save_npz, start_script, synthetic_raw
-from test_multi_gpu import free_ports, printed_accuracy, wait_all
+from test_multi_gpu import free_ports, kill_after_first_epoch, printed_accuracy, wait_all
 
 import errors
 import jax_distributed
@@ -117,21 +115,7 @@ def ranks_run(data: Path) -> dict[str, Any]:
     backend = backend_of(data)
     run["backend"] = backend
     state = folder / "rank-1" / BACKENDS[backend]["backup"] / "state.json"
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline and chief.poll() is None and other.poll() is None:
-            if state.exists() and json.loads(state.read_text())["epoch"] >= 1:
-                other.send_signal(signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    chief.wait(timeout=TIMEOUT_S)
-                    run["stopped"] = True
-                break
-            time.sleep(0.05)
-    finally:
-        for proc, _ in ranks:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+    run["stopped"] = kill_after_first_epoch(chief, other, state, TIMEOUT_S, TIMEOUT_S) is not None
     run["first_codes"] = [proc.returncode for proc, _ in ranks]
     run["first_logs"] = [log.read_text() for _, log in ranks]
     run["backup_epochs"] = [Backup(folder / "rank-0" / "backup").latest_epoch(),
