@@ -52,9 +52,9 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the CLI
 
 import capsulenet  # noqa: E402 - imports TensorFlow but initialises no device
-import utils  # noqa: E402
-from backup import agree_on_resume_point as agree_on_backups  # noqa: E402
-from errors import UserError  # noqa: E402
+from capsnet import plots  # noqa: E402
+from capsnet.backup import agree_on_resume_point as agree_on_backups  # noqa: E402
+from capsnet.errors import UserError  # noqa: E402
 
 TASK_TYPES = ("chief", "worker")
 
@@ -203,7 +203,7 @@ def train_data_parallel_jax(args: argparse.Namespace, task: Task | None) -> None
     XLA all-reduces the gradients), then the same test on one device."""
     import keras
 
-    import jax_distributed
+    from capsnet.distributed import jax_distributed
 
     if task is not None:
         raise UserError("TF_CONFIG: on JAX, start every machine with JAX_COORDINATOR_ADDRESS, "
@@ -225,7 +225,7 @@ def train_data_parallel_jax(args: argparse.Namespace, task: Task | None) -> None
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
     print(f"Data-parallel on {len(devices)} replica(s) (keras.distribution.DataParallel; this machine: "
           f"{', '.join(str(d) for d in devices)})")
-    capsulenet.run(args, on_model=lambda model: utils.plot_model(model, Path(args.save_dir) / "model.png"))
+    capsulenet.run(args, on_model=lambda model: plots.plot_model(model, Path(args.save_dir) / "model.png"))
     keras.distribution.set_distribution(None)
     test_alone(args)
 
@@ -233,7 +233,7 @@ def train_data_parallel_jax(args: argparse.Namespace, task: Task | None) -> None
 def train_data_parallel_torch(args: argparse.Namespace, task: Task | None) -> None:
     """The PyTorch backend: processes joined by `torch.distributed` (started here through torchrun
     unless torchrun started this one), then the same test on one device."""
-    import torch_distributed
+    from capsnet.distributed import torch_distributed
 
     if task is not None:
         raise UserError("TF_CONFIG: on PyTorch, start every machine with torchrun (its variables "
@@ -261,7 +261,7 @@ def run_on_process(args: argparse.Namespace, seed: int, is_chief: bool, backup_d
     on (recorded in `args` for the backup's flags), writing the user's files on the chief only."""
     args.seed = seed
     capsulenet.run(args, is_chief=is_chief, backup_dir=backup_dir,
-                   on_model=(lambda model: utils.plot_model(model, Path(args.save_dir) / "model.png"))
+                   on_model=(lambda model: plots.plot_model(model, Path(args.save_dir) / "model.png"))
                    if is_chief else None)
 
 
@@ -359,7 +359,7 @@ def train_distributed(args: argparse.Namespace) -> None:
         return
 
     def draw(model: Any) -> None:
-        utils.plot_model(model, Path(args.save_dir) / "model.png")
+        plots.plot_model(model, Path(args.save_dir) / "model.png")
 
     strategy = make_strategy(args, task)
     check_batch(args, strategy)

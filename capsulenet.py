@@ -5,7 +5,7 @@ model and draws how each capsule dimension changes a reconstruction, classifies 
 the model. This file reads and checks the flags and runs one function per mode (`run_train`,
 `run_test` with its `--explore` page, `run_predict`, `run_export`); each hands the flags' values to
 the modules below it as plain parameters: the model is in `capsnet_model.py`, the test and the
-manipulation plot in `evaluation.py`, the training loop in `training.py`, the data in `utils.py`
+manipulation plot in `evaluation.py`, the training loop in `training.py`, the data in `datasets.py`
 (README: "Layout").
 
 Usage:
@@ -33,31 +33,28 @@ from typing import Any
 
 import numpy as np
 
-import utils
+from capsnet import datasets
 
 # TensorFlow's C++ start-up lines (cuInit on GPU-less machines, CPU feature notes, absl's
 # "before InitializeLog" warnings) are not for a person at a terminal; Python errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-with utils.native_stderr_quiet():
+with datasets.native_stderr_quiet():
     import keras
 
-import autotune  # noqa: E402
-import deploy  # noqa: E402
-import errors  # noqa: E402
-import explore  # noqa: E402
-import image_folder  # noqa: E402
-import losses  # noqa: E402
-import multimnist  # noqa: E402
-import saving  # noqa: E402
-import training  # noqa: E402
-from backup import Backup  # noqa: E402
-
-# F401: scripts and tests also reach these as `capsulenet.X` (the original's `CapsNet`, `margin_loss`,
-# `train`, `test`, `manipulate_latent`, and this port's additions); they live in the modules named.
-from capsnet_model import CAPSULE_DIM, CapsNet, compile_like_original, two_digit_train_model  # noqa: E402, F401
-from capsulelayers import CONV_IMPLEMENTATIONS  # noqa: E402
-from errors import DataError, TrainingDivergedError, UserError  # noqa: E402
-from evaluation import (  # noqa: E402, F401
+from capsnet import (
+    autotune,  # noqa: E402
+    deploy,  # noqa: E402
+    errors,  # noqa: E402
+    explore,  # noqa: E402
+    image_folder,  # noqa: E402
+    losses,  # noqa: E402
+    multimnist,  # noqa: E402
+    saving,  # noqa: E402
+    training,  # noqa: E402
+)
+from capsnet.backup import Backup  # noqa: E402
+from capsnet.errors import DataError, TrainingDivergedError, UserError  # noqa: E402
+from capsnet.evaluation import (  # noqa: E402, F401
     PERTURBATIONS,
     manipulate_latent,
     perturbation_grid,
@@ -65,8 +62,18 @@ from evaluation import (  # noqa: E402, F401
     test,
     test_two_digits,
 )
-from losses import margin_loss  # noqa: E402, F401
-from training import train  # noqa: E402, F401
+from capsnet.layers import CONV_IMPLEMENTATIONS  # noqa: E402
+from capsnet.losses import margin_loss  # noqa: E402, F401
+
+# F401: scripts and tests also reach these as `capsulenet.X` (the original's `CapsNet`, `margin_loss`,
+# `train`, `test`, `manipulate_latent`, and this port's additions); they live in the modules named.
+from capsnet.model import (  # noqa: E402, F401
+    CAPSULE_DIM,
+    CapsNet,
+    compile_like_original,
+    two_digit_train_model,
+)
+from capsnet.training import train  # noqa: E402, F401
 
 BACKUP_DIR = "backup"
 # The backends with a training step in backends.py.
@@ -201,7 +208,7 @@ def _check_writable(save_dir: str) -> None:
         raise UserError(f"--save_dir {save_dir}: not writable ({e.strerror})") from e
 
 
-def check_data(args: argparse.Namespace, data: utils.Dataset) -> None:
+def check_data(args: argparse.Namespace, data: datasets.Dataset) -> None:
     """Checks the flags that depend on the data."""
     (x_train, y_train), _ = data
     n_class = y_train.shape[1]
@@ -225,7 +232,7 @@ def mixed_precision_policy() -> str:
     return "mixed_bfloat16"
 
 
-def setup(args: argparse.Namespace) -> tuple[utils.Dataset, list[str]]:
+def setup(args: argparse.Namespace) -> tuple[datasets.Dataset, list[str]]:
     """Draws a seed if none was given (into `args.seed`, so that backups record it), seeds every
     generator, sets the precision policy and loads the data and its class names."""
     if args.seed is None:
@@ -236,7 +243,7 @@ def setup(args: argparse.Namespace) -> tuple[utils.Dataset, list[str]]:
         keras.mixed_precision.set_global_policy(policy)
     image_size = tuple(args.image_size) if args.image_size else None
     try:
-        data, class_names = utils.load_labelled_dataset(args.dataset, image_size=image_size, seed=args.seed)
+        data, class_names = datasets.load_labelled_dataset(args.dataset, image_size=image_size, seed=args.seed)
     except DataError as e:
         raise UserError(str(e)) from e
     check_data(args, data)
@@ -291,7 +298,7 @@ def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, b
                   on_model=on_model)
 
 
-def run_train(args: argparse.Namespace, data: utils.Dataset, class_names: Sequence[str], strategy: Any = None,
+def run_train(args: argparse.Namespace, data: datasets.Dataset, class_names: Sequence[str], strategy: Any = None,
               is_chief: bool = True, backup_dir: str | None = None,
               on_model: Callable[[keras.Model], None] | None = None) -> None:
     """Trains a CapsNet on `data` (`--multimnist`: on pairs of its digits), resuming a backed-up run.
@@ -330,7 +337,7 @@ def run_train(args: argparse.Namespace, data: utils.Dataset, class_names: Sequen
               f"'{args.save_dir}/{image_folder.DEFAULT_CLASS_NAMES_FILE}'")
 
 
-def run_test(args: argparse.Namespace, data: utils.Dataset, class_names: Sequence[str], is_chief: bool = True,
+def run_test(args: argparse.Namespace, data: datasets.Dataset, class_names: Sequence[str], is_chief: bool = True,
              on_model: Callable[[keras.Model], None] | None = None) -> None:
     """`-t`: the model of `-w` (random weights without it) on the test set of `data` (`--multimnist`:
     on its test pairs): the manipulation plot of `--digit`, then the test accuracy and picture; with

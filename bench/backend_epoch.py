@@ -9,7 +9,7 @@ built-in `train_on_batch` / `fit` on whatever backend is installed:
 
 It prints a markdown report (also written to `--out`): the device, median ms per training step at
 batch 100, images/s, inference ms per 100 images, the manipulation grid, and real epochs on an IDX
-dataset (shifted each epoch by the product's own `training.train_batches`, validated on the test set)
+dataset (shifted each epoch by the product's own `batches.train_batches`, validated on the test set)
 with their wall time and test accuracy.
 """
 
@@ -33,8 +33,7 @@ common.use_repo()  # the product's modules, imported below by bare name
 import keras  # noqa: E402
 
 import capsulenet  # noqa: E402
-import training  # noqa: E402
-import utils  # noqa: E402
+from capsnet import batches, datasets, training  # noqa: E402
 
 
 def device_name() -> str:
@@ -86,13 +85,13 @@ def step_times(model: keras.Model, eval_model: keras.Model, manipulate_model: ke
 
 def shifted_epoch(x: np.ndarray, y: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """One epoch's shuffled, randomly shifted training data, as the product's loop makes it
-    (`training.train_batches`, shift fraction 0.1), joined for `fit`: `[n - n % 100, ...]` each."""
-    batches = list(training.train_batches(x, y, BATCH, 0.1, seed=0, epoch=epoch))
-    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+    (`batches.train_batches`, shift fraction 0.1), joined for `fit`: `[n - n % 100, ...]` each."""
+    made = list(batches.train_batches(x, y, BATCH, 0.1, seed=0, epoch=epoch))
+    return np.concatenate([b[0] for b in made]), np.concatenate([b[1] for b in made])
 
 
 def real_epochs(args: argparse.Namespace) -> list[str]:
-    (x_train, y_train), (x_test, y_test) = utils.prepare(utils.load_idx_folder(args.data), args.data)
+    (x_train, y_train), (x_test, y_test) = datasets.prepare(datasets.load_idx_folder(args.data), args.data)
     model, eval_model, _ = build(args, len(x_train) // BATCH)
     lines = []
     for epoch in range(args.epochs):

@@ -36,9 +36,9 @@ INTRO = ("\n## One CPU epoch per Keras backend (`python bench/backends_epoch.py`
 def subset(dataset: str, n_train: int, n_test: int, folder: Path) -> Path:
     """The first `n_train` / `n_test` images of `dataset` as an `.npz` the CLI reads."""
     common.use_repo()
-    import utils
+    from capsnet import datasets
 
-    (x_train, y_train), (x_test, y_test) = utils.load_dataset(dataset)
+    (x_train, y_train), (x_test, y_test) = datasets.load_dataset(dataset)
     path = folder / "subset.npz"
     # Back to the keras.datasets layout (uint8 images, integer labels) that --dataset reads.
     def images(x: np.ndarray) -> np.ndarray:

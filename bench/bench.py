@@ -69,10 +69,9 @@ except ImportError as e:
 import keras  # noqa: E402
 import original_formulation as original  # noqa: E402
 
-import backends  # noqa: E402
 import capsulenet  # noqa: E402
-import training  # noqa: E402
-from backup import Backup  # noqa: E402
+from capsnet import backends, training  # noqa: E402
+from capsnet.backup import Backup  # noqa: E402
 
 VARIANTS = ("product", "baseline", "product-xla", "product-mp")
 PHASES = ("steps", "epoch", "inference", "manipulation", "memory", "threads")
@@ -247,7 +246,7 @@ def epoch_data(steps: int, valid_images: int, seed: int) -> dict[str, np.ndarray
 def run_epoch(variant: Variant, data: dict[str, np.ndarray], epoch: int) -> dict[str, Any]:
     """One epoch end to end as each project runs it: shifted training batches, then validation.
 
-    The product: `Trainer.train_epoch` (shuffled batches shifted by `training.shift_images`, made
+    The product: `Trainer.train_epoch` (shuffled batches shifted by `batches.shift_images`, made
     ahead in a thread) and `Trainer.evaluate`; the baseline: `model.fit` on the original's Python
     generator with `validation_data`, as the original did. No checkpoints or logs in either.
 

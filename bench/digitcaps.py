@@ -43,7 +43,7 @@ def plain_routing(u_hat: Any, routings: int) -> Any:
     """Procedure 1 as `einsum`s, differentiated automatically."""
     from keras import ops
 
-    from capsulelayers import squash
+    from capsnet.layers import squash
 
     logits = ops.zeros_like(u_hat[..., 0])
     for iteration in range(routings):
@@ -73,7 +73,7 @@ def layer_variants(batch: int, rounds: int) -> None:
     import tensorflow as tf
     from primarycaps_conv import interleave, report
 
-    from capsulelayers import CapsuleLayer, dynamic_routing
+    from capsnet.layers import CapsuleLayer, dynamic_routing
 
     rng = np.random.default_rng(0)
     layer = CapsuleLayer(10, 16, routings=ROUTINGS)
@@ -115,7 +115,7 @@ def training_steps(batch: int, rounds: int, mixed_precision: bool) -> None:
     import keras
     from primarycaps_conv import interleave, product_step, report, step_batch
 
-    import capsulelayers
+    from capsnet import layers as capsulelayers
 
     x, y = step_batch(batch, np.random.default_rng(0))
     product_call = capsulelayers.CapsuleLayer.call

@@ -65,11 +65,10 @@ def original_main(dataset: str, seed: int) -> None:
     import original_formulation as original
 
     import capsulenet
-    import training
-    import utils
+    from capsnet import datasets, training
 
     keras.utils.set_random_seed(seed)
-    (x_train, y_train), (x_test, y_test) = utils.load_dataset(dataset)
+    (x_train, y_train), (x_test, y_test) = datasets.load_dataset(dataset)
     steps = len(x_train) // common.BATCH
     model, _, _ = original.OriginalCapsNet(x_train.shape[1:], y_train.shape[1], routings=common.ROUTINGS)
     capsulenet.compile_like_original(model, training.make_optimizer(0.001, 0.9, steps), lam_recon=0.392)

@@ -42,8 +42,8 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-import utils
-from capsulelayers import LENGTH_EPSILON
+from capsnet import plots
+from capsnet.layers import LENGTH_EPSILON
 
 CAPSULE_DIM = 16
 PERTURBATIONS = [-0.25, -0.2, -0.15, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2, 0.25]
@@ -274,6 +274,6 @@ def manipulate_latent(
             tmp[:, :, dim] = r
             x_recons.append(model.predict([x, y, tmp], verbose=0))
     x_recons = np.concatenate(x_recons)
-    image = utils.combine_images(x_recons, height=CAPSULE_DIM)
-    utils.save_image(image, Path(save_dir) / f"manipulate-{digit}.png")
+    image = plots.combine_images(x_recons, height=CAPSULE_DIM)
+    plots.save_image(image, Path(save_dir) / f"manipulate-{digit}.png")
     return x_recons

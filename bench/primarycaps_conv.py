@@ -150,7 +150,7 @@ def convolutions(batch: int, rounds: int, mixed_precision: bool) -> None:
     import keras
     import tensorflow as tf
 
-    from capsulelayers import Conv2D
+    from capsnet.layers import Conv2D
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.standard_normal((batch, ROWS, ROWS, CHANNELS), dtype=np.float32))
@@ -208,9 +208,8 @@ def original_step(x: np.ndarray, y: np.ndarray, weights: list) -> Callable[[], A
     import keras
     import original_formulation as original
 
-    import backends
     import capsulenet
-    import training
+    from capsnet import backends, training
 
     keras.utils.set_random_seed(0)
     source, _, _ = capsulenet.CapsNet((28, 28, 1), 10, routings=3)
@@ -234,9 +233,8 @@ def product_step(x: np.ndarray, y: np.ndarray, weights: list | None,
     """
     import keras
 
-    import backends
     import capsulenet
-    import training
+    from capsnet import backends, training
 
     keras.utils.set_random_seed(0)
     train_model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, routings=3)
@@ -255,7 +253,7 @@ def training_steps(batch: int, rounds: int, mixed_precision: bool) -> dict[str, 
     import flops
     import keras
 
-    import autotune
+    from capsnet import autotune
 
     rng = np.random.default_rng(0)
     x, y = step_batch(batch, rng)

@@ -3,7 +3,7 @@
 Each configuration runs in its own child process, since TensorFlow splits a device into logical
 ones only before it initialises: the step is `backends.TensorFlowSteps.train` (`strategy.run` +
 `GradientTape` + the Keras optimizer, which all-reduces the gradients; each replica takes its slice
-of the global batch) on the product's shifted NumPy batches (`training.train_batches`), i.e. exactly
+of the global batch) on the product's shifted NumPy batches (`batches.train_batches`), i.e. exactly
 what both scripts train with. Configurations:
 
 - CPU: 1 device (the default strategy, as `capsulenet.py`) and 2 logical CPU devices
@@ -73,9 +73,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     """Times `config['steps']` training steps after `config['warmup']` ones (tracing included)."""
     strategy, devices = configure(config["kind"], config["replicas"])
     common.use_repo()
-    import backends
     import capsulenet
-    import training
+    from capsnet import backends, batches, training
 
     batch, warmup, steps = config["batch"], config["warmup"], config["steps"]
     x, y = common.synthetic_data(batch * (warmup + steps), seed=0)
@@ -88,7 +87,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
         capsulenet.compile_like_original(model, optimizer, train.lam_recon)
     step = backends.TensorFlowSteps(model, optimizer, train.lam_recon, batch, strategy)
     step.build_optimizer()
-    batches = training.train_batches(x, y, batch, train.shift_fraction, seed=0, epoch=0)
+    batches = batches.train_batches(x, y, batch, train.shift_fraction, seed=0, epoch=0)
     times = []
     for i, (xb, yb) in enumerate(batches):
         start = time.perf_counter()

@@ -56,7 +56,7 @@ def write_section(path: Path, owner: str, key: str, section: str, intro: str) ->
     Everything outside the block and the other machines' sections are kept; the file, the block
     (opened by `intro`) and the section are created when missing.
     """
-    import utils  # the product's atomic writer (the caller has put the repository on sys.path)
+    from capsnet import atomic  # the product's atomic writer (the caller has put the repository on sys.path)
 
     start, stop = f"<!-- {owner}:start -->", f"<!-- {owner}:end -->"
     begin, end = f"<!-- {owner}:device {key} -->", f"<!-- {owner}:device-end {key} -->"
@@ -74,7 +74,7 @@ def write_section(path: Path, owner: str, key: str, section: str, intro: str) ->
         inner = (inner if inner.strip() else intro) + block
     inner = inner if inner.endswith("\n") else inner + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    utils.write_text_atomic(path, head + start + inner + stop + tail)
+    atomic.write_text_atomic(path, head + start + inner + stop + tail)
 
 
 def write_results(section: str, key: str, path: Path = common.RESULTS_PATH) -> None:

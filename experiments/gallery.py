@@ -8,8 +8,8 @@ in one run, so that a better model replaces every picture in one step:
   280x280 for 28x28 data (`capsulenet.test`);
 - `manipulate-0.png` ... `manipulate-{n_class-1}.png`: one test sample per class, row i adds -0.25,
   -0.2, ..., 0.25 to capsule dimension i, 448x308 for 28x28 data (`capsulenet.manipulate_latent`);
-- `log.png`: the loss and accuracy curves of `--log` (`utils.plot_log`; the csv is copied beside it);
-- `model.png`: the train model's diagram (`utils.plot_model`; needs pydot and graphviz, otherwise a
+- `log.png`: the loss and accuracy curves of `--log` (`plots.plot_log`; the csv is copied beside it);
+- `model.png`: the train model's diagram (`plots.plot_model`; needs pydot and graphviz, otherwise a
   note says so and the rest of the gallery is still written);
 - `gallery.json`: the weights file, dataset, test accuracy, epochs (from `--log`) and date, the facts
   that the README's captions state.
@@ -47,10 +47,8 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 import capsulenet  # noqa: E402
-import errors  # noqa: E402
-import saving  # noqa: E402
-import utils  # noqa: E402
-from errors import UserError  # noqa: E402
+from capsnet import atomic, datasets, errors, plots, saving  # noqa: E402
+from capsnet.errors import UserError  # noqa: E402
 
 SUMMARY_FILE = "gallery.json"
 
@@ -122,12 +120,12 @@ def check_args(args: argparse.Namespace) -> int | None:
     return epochs
 
 
-def load_data(args: argparse.Namespace) -> utils.Dataset:
+def load_data(args: argparse.Namespace) -> datasets.Dataset:
     """The dataset, checked as `capsulenet.py -t` checks it, and with every class in the test set
     (one manipulation grid per class), before any picture is written."""
     try:
-        data = utils.load_dataset(args.dataset)
-    except utils.DataError as e:
+        data = datasets.load_dataset(args.dataset)
+    except datasets.DataError as e:
         raise UserError(str(e)) from e
     capsulenet.check_data(argparse.Namespace(digit=0, testing=True, batch_size=args.batch_size,
                                              dataset=args.dataset), data)
@@ -143,10 +141,10 @@ def draw_log(log: str, out: Path) -> Path:
     """Copies `log` into `out` (unless it is already there) and draws `out/log.png` beside it."""
     target = out / "log.csv"
     if not (target.exists() and os.path.samefile(log, target)):
-        with utils.atomic_path(target) as tmp:
+        with atomic.atomic_path(target) as tmp:
             shutil.copyfile(log, tmp)
     try:
-        return Path(utils.plot_log(target))
+        return Path(plots.plot_log(target))
     except (KeyError, ValueError) as e:  # pandas: a column missing, or a value that is no number
         raise UserError(f"--log {log}: cannot be plotted ({e})") from e
 
@@ -175,7 +173,7 @@ def make_gallery(args: argparse.Namespace) -> dict[str, Any]:
         written.append(draw_log(args.log, out).name)
     else:
         print("No --log given: log.png not drawn")
-    model_drawn = utils.plot_model(train_model, out / "model.png")
+    model_drawn = plots.plot_model(train_model, out / "model.png")
     if model_drawn:
         written.append("model.png")
     else:
@@ -197,7 +195,7 @@ def make_gallery(args: argparse.Namespace) -> dict[str, Any]:
         "model_png": model_drawn,
         "files": written,
     }
-    utils.write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    atomic.write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     print(f"Gallery: {len(written)} pictures and {SUMMARY_FILE} in {out} ({caption})")
     return summary
 

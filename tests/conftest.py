@@ -195,7 +195,7 @@ def assert_log_matches_saved_weights(save_dir: Path, npz: Path, routings: int, l
     import reference as ref
 
     import capsulenet
-    import saving
+    from capsnet import saving
 
     log = pd.read_csv(save_dir / "log.csv")
     np.testing.assert_allclose(log["learning_rate"], lr * lr_decay ** log["epoch"], rtol=1e-6)

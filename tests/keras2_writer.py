@@ -1,7 +1,7 @@
 """Writes real Keras-2 HDF5 files with legacy Keras, for tests/test_model.py.
 
 Run in a child process with `TF_USE_LEGACY_KERAS=1`, so that TensorFlow's Keras is `tf_keras` (Keras 2,
-the version matching TensorFlow, pinned in requirements-dev.txt), not Keras 3:
+the version matching TensorFlow, pinned in requirements/dev.txt), not Keras 3:
 
     TF_USE_LEGACY_KERAS=1 python tests/keras2_writer.py DATA.npz OUT_DIR
 

@@ -14,9 +14,8 @@ import keras
 import numpy as np
 import pytest
 
-import autotune
-import capsulelayers
-from capsulelayers import Conv2D
+from capsnet import autotune, im2col
+from capsnet.layers import Conv2D
 
 
 @pytest.fixture(autouse=True)
@@ -167,7 +166,7 @@ def test_a_layer_outside_the_cli_never_times() -> None:
     x = np.random.default_rng(0).standard_normal((2, 9, 9, 3)).astype("float32")
     assert layer(x).shape == (2, 4, 4, 4)
     assert layer.tuned_implementation is None
-    assert layer._uses_im2col(x) == capsulelayers.im2col_is_default()
+    assert layer._uses_im2col(x) == im2col.im2col_is_default()
 
 
 # ---------------------------------------------------------------------------------------------

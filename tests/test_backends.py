@@ -17,7 +17,7 @@ same batch, against values computed here in NumPy (`tests/reference.py` and hand
 
 A step that dropped the reconstruction term from its gradient (while still reporting it in its sums)
 fails the second check on that backend. The random shifts are made in NumPy before any backend sees a
-batch (`training.train_batches`, tested in test_training.py), and resuming is checked per backend in
+batch (`batches.train_batches`, tested in test_training.py), and resuming is checked per backend in
 test_jax.py and test_torch.py.
 
 Each non-TensorFlow backend runs in a child process (the backend is fixed when Keras is imported) on
@@ -56,8 +56,7 @@ def step_main(weights: str, data: str, out: str) -> None:
     """One backend's steps from `weights` on the batch in `data`, written to `out` (.npz): the model's
     outputs before any step, then for `lam_recon` 0.5 and 0 the sums of one SGD step and each weight's
     gradient (its change / SGD_RATE), then each weight's change in one Adam step at a decayed rate."""
-    import backends
-    import training
+    from capsnet import backends, training
 
     batch = np.load(data)
     x, y = batch["x"], batch["y"]

@@ -33,9 +33,9 @@ import original_formulation as original  # noqa: E402
 import report  # noqa: E402
 
 import bench  # noqa: E402
-import capsulelayers  # noqa: E402
 import capsulenet  # noqa: E402
-from losses import per_sample_terms  # noqa: E402
+from capsnet import im2col  # noqa: E402
+from capsnet.losses import per_sample_terms  # noqa: E402
 
 # Tolerances of the product-vs-baseline comparisons (float32, different summation orders).
 LENGTH_TOL = {"rtol": 1e-4, "atol": 1e-9}
@@ -274,7 +274,7 @@ def test_analytic_flops_match_traced_graph(models: dict) -> None:
     # PrimaryCaps convolution runs as im2col: its forward and gradients are three products of its own
     # size, MatMul or Einsum as TensorFlow lowers each einsum (one gradient became a MatMul here).
     primary = counts["forward"]["primarycaps"]
-    if capsulelayers.im2col_is_default():
+    if im2col.im2col_is_default():
         assert traced["Conv2D"] == 100 * counts["forward"]["conv1"]
         extra = traced["MatMul"] - 100 * counts["train"]["decoder"]
         assert extra in (100 * primary, 200 * primary, 300 * primary)

@@ -31,8 +31,7 @@ from conftest import (
 from PIL import Image
 
 import capsulenet
-import saving
-import utils
+from capsnet import datasets, saving
 
 # Every flag of the issue and SPEC section 1, with its default.
 DEFAULTS = {
@@ -94,7 +93,7 @@ def test_both_local_loaders_give_the_same_data(small_raw: RawData, small_npz: Pa
                                                small_idx_dir: Path) -> None:
     want = expected_arrays(small_raw)
     for spec in (small_npz, small_idx_dir):
-        (x_train, y_train), (x_test, y_test) = utils.load_dataset(str(spec))
+        (x_train, y_train), (x_test, y_test) = datasets.load_dataset(str(spec))
         for got, expected in zip((x_train, y_train, x_test, y_test), want, strict=True):
             assert got.dtype == np.float32
             np.testing.assert_array_equal(got, expected, err_msg=str(spec))
@@ -370,7 +369,7 @@ def test_fashion_mnist_falls_back_to_the_debian_files(fashion_raw: RawData,
 
     monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
     (x_train, y_train), (x_test, y_test) = fashion_raw
-    (got_x_train, got_y_train), (got_x_test, got_y_test) = utils.load_labelled_dataset("fashion_mnist")[0]
+    (got_x_train, got_y_train), (got_x_test, got_y_test) = datasets.load_labelled_dataset("fashion_mnist")[0]
     eye = np.eye(10, dtype="float32")
     np.testing.assert_array_equal(got_y_train, eye[y_train])
     np.testing.assert_array_equal(got_y_test, eye[y_test])

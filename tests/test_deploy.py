@@ -6,7 +6,7 @@ resize, /255), never from the code under test. The model's weights are scaled so
 are long (lengths 0.1-1, asserted): a fresh CapsNet's lengths are ~1e-7, where any encoder bug would
 hide below the 1e-4 tolerance.
 
-The export runtimes (`onnxruntime`, `ai-edge-litert`) and `tf2onnx` come from requirements-export.txt;
+The export runtimes (`onnxruntime`, `ai-edge-litert`) and `tf2onnx` come from requirements/export.txt;
 without them those tests are skipped here and fail under CI (`CI` set), which installs them.
 """
 
@@ -27,8 +27,8 @@ from conftest import REPO_ROOT, child_env, describe, run_script, synthetic_raw
 from PIL import Image
 
 import capsulenet
-import deploy
-from errors import UserError
+from capsnet import deploy
+from capsnet.errors import UserError
 
 N_CLASS = 3
 NAMES = ["cat", "dog", "emu"]
@@ -36,13 +36,13 @@ LINE = re.compile(r"^(?P<path>.+): (?P<index>\d+) \((?P<name>.*)\) length (?P<le
 
 
 def require(module: str) -> None:
-    """Skips without `module`, except under CI, which installs requirements-export.txt."""
+    """Skips without `module`, except under CI, which installs requirements/export.txt."""
     try:
         __import__(module)
     except ImportError:
         if os.environ.get("CI"):
-            pytest.fail(f"{module} is missing: CI must pip install -r requirements-export.txt")
-        pytest.skip(f"{module} not installed (pip install -r requirements-export.txt)")
+            pytest.fail(f"{module} is missing: CI must pip install -r requirements/export.txt")
+        pytest.skip(f"{module} not installed (pip install -r requirements/export.txt)")
 
 
 def scale_to_long_capsules(eval_model: keras.Model) -> None:
@@ -366,7 +366,7 @@ def test_missing_export_packages_name_the_pip_install(long_model: keras.Model, t
         deploy.export_model(long_model, "onnx", tmp_path)
     message = str(raised.value)
     assert "\n" not in message
-    assert "pip install -r requirements-export.txt" in message and "tf2onnx==" in message, message
+    assert "pip install -r requirements/export.txt" in message and "tf2onnx==" in message, message
     assert list(tmp_path.iterdir()) == []
 
 
@@ -380,9 +380,9 @@ def test_export_on_another_backend_names_tensorflow(long_model: keras.Model, tmp
 
 def test_requirements_export_pins_what_the_message_names() -> None:
     pins = {}
-    for line in (REPO_ROOT / "requirements-export.txt").read_text().splitlines():
+    for line in (REPO_ROOT / "requirements/export.txt").read_text().splitlines():
         requirement = line.split("#")[0].strip()
-        if requirement:
+        if requirement and not requirement.startswith("-r "):
             package, version = requirement.split("==")
             pins[package] = version
     assert {"tf2onnx", "onnx", "onnxruntime", "ai-edge-litert"} <= set(pins)

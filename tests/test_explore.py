@@ -25,8 +25,7 @@ from browser import Chromium, find_chromium
 from conftest import save_npz, synthetic_raw
 
 import capsulenet
-import errors
-import explore
+from capsnet import errors, explore
 
 # The page must equal the Keras decoder within this (the bound); measured: ~1e-7.
 TOLERANCE = 1e-4
@@ -222,7 +221,7 @@ def test_page_decodes_and_draws_what_keras_decodes(browser: Chromium, one_digit:
 
 
 def test_two_digit_page_draws_both_capsules_red_and_green(browser: Chromium, tmp_path: Path) -> None:
-    import multimnist
+    from capsnet import multimnist
 
     eval_model = lively_model((36, 36, 1), seed=3)
     (_, _), (x, y) = synthetic_raw(0, 20, seed=4)

@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, describe, run_script, save_npz, synthetic_raw
 from PIL import Image
 
 import capsulenet
-import saving
+from capsnet import saving
 
 N_TRAIN, N_TEST = 20, 60  # real_and_recon.png tiles 50 test images: at least 50, every class present
 LOG_CSV = (

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from image_folder import (
+from capsnet.datasets import DataError
+from capsnet.image_folder import (
     DEFAULT_CLASS_NAMES_FILE,
     IMAGE_SUFFIXES,
     expand_prediction_paths,
@@ -23,7 +24,6 @@ from image_folder import (
     load_image_folder,
     save_class_names,
 )
-from utils import DataError
 
 # Deliberately not in sorted order: class indices must follow the sorted names.
 CLASSES = ("zebra", "apple", "mango")

@@ -26,7 +26,7 @@ from conftest import (
 )
 
 import capsulenet
-import errors
+from capsnet import errors
 
 # The columns the TensorFlow path writes (README, "Training writes").
 LOG_COLUMNS = ["epoch", "loss", "capsnet_loss", "decoder_loss", "capsnet_accuracy", "val_loss",
@@ -159,12 +159,10 @@ def resume_main(data_path: str, out: str) -> None:
     process of a real resume. Writes both logs and the final weights' largest difference as JSON."""
     import json
 
-    import backends
-    import training
-    import utils
-    from backup import Backup
+    from capsnet import backends, datasets, training
+    from capsnet.backup import Backup
 
-    data = utils.load_dataset(data_path)
+    data = datasets.load_dataset(data_path)
     keras.utils.set_random_seed(4)
     model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, 1)
     initial = model.get_weights()

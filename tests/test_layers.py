@@ -11,9 +11,9 @@ import pytest
 import reference as ref
 import tensorflow as tf
 
-import capsulelayers
 import capsulenet
-from capsulelayers import CapsuleLayer, Length, Mask, PrimaryCap, Squash, squash
+from capsnet import layers as capsulelayers
+from capsnet.layers import CapsuleLayer, Length, Mask, PrimaryCap, Squash, squash
 
 # float32 layers against a float64 reference.
 RTOL = 1e-4
@@ -257,7 +257,7 @@ JAX_GRADIENTS = """
 import json, sys
 import jax, numpy as np
 sys.path.insert(0, ".")
-from capsulelayers import CapsuleLayer
+from capsnet.layers import CapsuleLayer
 problem = {k: np.asarray(v) for k, v in json.loads(sys.stdin.read()).items()}
 routings = int(sys.argv[1])
 layer = CapsuleLayer(num_capsule=3, dim_capsule=3, routings=routings)

@@ -22,9 +22,8 @@ import pandas as pd
 import pytest
 from conftest import RawData, save_npz
 
-import autotune
 import capsulenet
-import utils
+from capsnet import autotune, datasets
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def test_mixed_precision_flag_learns_fashion_mnist(fashion_small: Path, tmp_path
     assert len(log) == run.epochs
     assert np.isfinite(log["loss"]).all() and np.isfinite(log["val_loss"]).all()
     assert log["loss"].iloc[-1] < log["loss"].iloc[0]
-    (_, _), (x_test, y_test) = utils.load_npz(fashion_small)
+    (_, _), (x_test, y_test) = datasets.load_npz(fashion_small)
     lengths, recon = eval_model.predict(x_test[..., None] / 255.0, batch_size=100, verbose=0)
     assert lengths.dtype == np.float32 and np.isfinite(recon).all()
     accuracy = float(np.mean(lengths.argmax(1) == y_test))

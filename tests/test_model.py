@@ -20,9 +20,8 @@ from conftest import child_env, describe, run_script
 from PIL import Image
 
 import capsulenet
-import saving
-import utils
-from errors import UserError
+from capsnet import plots, saving
+from capsnet.errors import UserError
 
 INPUT_SHAPE = (28, 28, 1)
 WEIGHTED_LAYERS = ("conv1", "primarycap_conv2d", "digitcaps", "decoder")
@@ -232,7 +231,7 @@ def keras2_files(small_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     `five.h5` (5 classes) of the original model with long capsules, its own predictions on
     `small_npz`'s test images (`predictions.npz`) and a relabelled copy of the data (`relabelled.npz`)."""
     if importlib.util.find_spec("tf_keras") is None:
-        missing = "tf_keras is not installed (pip install -r requirements-dev.txt)"
+        missing = "tf_keras is not installed (pip install -r requirements/dev.txt)"
         if os.environ.get("CI"):
             pytest.fail(missing)
         pytest.skip(missing)
@@ -402,7 +401,7 @@ def test_test_reports_accuracy_and_saves_real_and_recon(models: Models, tmp_path
 def test_combine_images_tiles_row_by_row(count: int, height: int | None,
                                          shape: tuple[int, int]) -> None:
     stack = np.random.default_rng(count).uniform(size=(count, 28, 28, 1)).astype("float32")
-    grid = utils.combine_images(stack, height=height)
+    grid = plots.combine_images(stack, height=height)
     assert grid.shape == shape
     width = shape[1] // 28
     for k in range(count):
@@ -414,7 +413,7 @@ def test_combine_images_tiles_row_by_row(count: int, height: int | None,
 def test_save_image_writes_8_bit_grayscale(tmp_path: Path) -> None:
     image = np.tile(np.linspace(0, 1, 308, dtype="float32"), (448, 1))
     path = tmp_path / "grid.png"
-    utils.save_image(image, path)
+    plots.save_image(image, path)
     saved = Image.open(path)
     assert saved.format == "PNG" and saved.mode == "L" and saved.size == (308, 448)
     pixels = np.asarray(saved, dtype=float)

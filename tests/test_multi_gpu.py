@@ -30,7 +30,7 @@ import pandas as pd
 import pytest
 from conftest import child_env, describe, run_script, start_script
 
-from backup import Backup
+from capsnet.backup import Backup
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "capsulenet-multi-gpu.py"
@@ -187,12 +187,10 @@ def equivalence_main(out: str, data_path: str) -> None:
     import keras
     from keras.src.backend.tensorflow import optimizer as tf_optimizer
 
-    import backends
     import capsulenet
-    import training
-    import utils
+    from capsnet import backends, datasets, training
 
-    data = utils.load_dataset(data_path)
+    data = datasets.load_dataset(data_path)
     x, y = (a[:EQUIVALENCE_BATCH] for a in data[0])
     config = training.TrainConfig(batch_size=EQUIVALENCE_BATCH, shift_fraction=0.0, seed=3)
 
@@ -319,7 +317,7 @@ def test_cli_on_two_logical_cpus_equals_one_device(two_cpus: tuple[Path, subproc
     assert mismatch <= 1, f"2 replicas vs one device: {mismatch:.3g} x the tolerance"
 
     import capsulenet
-    import saving
+    from capsnet import saving
 
     model, eval_model, _ = capsulenet.CapsNet((28, 28, 1), 10, 1)
     saving.load_weights(model, str(save_dir / "trained_model.weights.h5"))
@@ -347,7 +345,7 @@ def test_without_the_all_reduce_the_log_differs(one_device_log: pd.DataFrame, da
 def test_weights_from_capsulenet_load_in_the_multi_gpu_script(small_npz: Path,
                                                                tmp_path: Path) -> None:
     import capsulenet
-    import saving
+    from capsnet import saving
 
     _, eval_model, _ = capsulenet.CapsNet((28, 28, 1), 10, 3)
     path = tmp_path / "single.weights.h5"

@@ -32,10 +32,9 @@ import pytest
 from conftest import child_env, describe, run_script, save_npz, start_script, synthetic_raw
 from test_multi_gpu import free_ports, kill_after_first_epoch, printed_accuracy, wait_all
 
-import errors
-import jax_distributed
-import torch_distributed
-from backup import Backup
+from capsnet import errors
+from capsnet.backup import Backup
+from capsnet.distributed import jax_distributed, torch_distributed
 
 FLAGS = ["--epochs", "2", "--batch_size", "10", "--seed", "4", "-r", "1", "--lr", "0.005"]
 TIMEOUT_S = 300

@@ -8,11 +8,11 @@ sums of two such values are exact in float32 (and below 1 for up to 64 digits).
 
 from __future__ import annotations
 
+from capsnet import multimnist as mm
 import numpy as np
 import pytest
 
-import multimnist as mm
-from multimnist import MAX_SHIFT, PAD
+from capsnet.multimnist import MAX_SHIFT, PAD
 
 SIDE = 28
 OUT = SIDE + 2 * PAD  # 36

@@ -17,9 +17,7 @@ from conftest import save_npz, synthetic_raw
 from PIL import Image
 
 import capsulenet
-import errors
-import multimnist
-import training
+from capsnet import errors, multimnist, training
 
 FLAGS = ["--multimnist", "--multimnist_test_pairs", "2", "--epochs", "2", "--batch_size", "20",
          "-r", "1", "--seed", "3"]

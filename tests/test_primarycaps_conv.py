@@ -26,8 +26,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import capsulelayers  # noqa: E402 - after the repository is on the path, when run as a script
-from capsulelayers import Conv2D, PrimaryCap, im2col_conv2d, im2col_indices  # noqa: E402
+from capsnet import im2col  # noqa: E402 - after the repository is on the path, when run as a script
+from capsnet.im2col import im2col_conv2d, im2col_indices  # noqa: E402
+from capsnet.layers import Conv2D, PrimaryCap  # noqa: E402
 
 # float32: both sides round differently (81 x 256 products per output); relative to the largest value.
 RTOL = 2e-5
@@ -354,7 +355,7 @@ def test_auto_uses_im2col_on_this_cpu_and_the_parent_where_it_does_not_apply() -
 
     if tf.config.list_logical_devices("GPU"):
         pytest.skip("a GPU is visible: auto keeps the library convolution")
-    assert capsulelayers.im2col_is_default()
+    assert im2col.im2col_is_default()
     layer = Conv2D(4, 3, strides=2)
     assert layer.implementation == "auto"
     graph = tf.function(layer).get_concrete_function(tf.TensorSpec((None, 9, 9, 2))).graph
@@ -485,8 +486,8 @@ def sgd_step_deltas(implementation: str, batch: tuple[np.ndarray, np.ndarray], s
     """The weight changes of one `TensorFlowSteps` step with SGD (the gradients times 1000, so that
     the weights' float32 rounding does not swamp them), for the product's train model with the given
     PrimaryCaps implementation, built under `strategy`."""
-    import backends
     import capsulenet
+    from capsnet import backends
 
     with strategy.scope():
         keras.utils.set_random_seed(11)
@@ -568,7 +569,7 @@ def jax_errors() -> dict[str, Any]:
     (_, got), got_grads = loss(lambda x, k: im2col_conv2d(x, k, (2, 2)))(x, kernel)
     (_, want), want_grads = loss(lambda x, k: ops.conv(x, k, strides=2))(x, kernel)
     return {"backend": keras.backend.backend(),
-            "default": "im2col" if capsulelayers.im2col_is_default() else "conv",
+            "default": "im2col" if im2col.im2col_is_default() else "conv",
             "outputs": relative_error(got, want),
             "input grad": relative_error(got_grads[0], want_grads[0]),
             "kernel grad": relative_error(got_grads[1], want_grads[1])}

@@ -24,12 +24,9 @@ import pytest
 from conftest import describe, run_script, save_npz, start_script, synthetic_raw, weights_in
 
 import capsulenet
-import errors
-import saving
-import training
-import utils
-from backup import Backup, RunState
-from errors import UserError
+from capsnet import datasets, errors, plots, saving, training
+from capsnet.backup import Backup, RunState
+from capsnet.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,8 +220,8 @@ def test_bad_local_dataset(overrides: dict, reason: str, tmp_path: Path) -> None
                  x_test=np.zeros((40, 28, 28), np.uint8), y_test=np.arange(40) % 10)
     else:
         path = make_npz(tmp_path / "bad.npz", **overrides)
-    with pytest.raises(utils.DataError) as info:
-        utils.load_dataset(str(path))
+    with pytest.raises(datasets.DataError) as info:
+        datasets.load_dataset(str(path))
     assert reason in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -266,7 +263,7 @@ def test_crash_during_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytes
 
 def test_crash_during_image_save_keeps_the_old_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "real_and_recon.png"
-    utils.save_image(np.zeros((28, 28)), path)
+    plots.save_image(np.zeros((28, 28)), path)
     good = path.read_bytes()
     from PIL import Image
 
@@ -276,7 +273,7 @@ def test_crash_during_image_save_keeps_the_old_png(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(Image.Image, "save", crash)
     with pytest.raises(OSError):
-        utils.save_image(np.ones((28, 28)), path)
+        plots.save_image(np.ones((28, 28)), path)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["real_and_recon.png"]
 

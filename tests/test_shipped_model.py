@@ -78,9 +78,9 @@ def reference_capsules(weights: dict[str, np.ndarray], images: np.ndarray) -> np
 def test_weights_and_keras_file_hold_the_same_float32_model() -> None:
     import keras
 
-    import capsulelayers  # noqa: F401 - registers the layers that the .keras file names
+      # noqa: F401 - registers the layers that the .keras file names
     import capsulenet
-    import saving
+    from capsnet import saving
 
     model, eval_model, _ = capsulenet.CapsNet((28, 28, 1), 10, routings=3)
     saving.load_weights(model, str(WEIGHTS))
@@ -103,7 +103,7 @@ def test_readme_log_and_gallery_state_one_accuracy() -> None:
 
 def test_shipped_weights_compute_the_papers_equations(mnist_test: tuple[np.ndarray, np.ndarray]) -> None:
     import capsulenet
-    import saving
+    from capsnet import saving
 
     x_test, y_test = mnist_test
     images = x_test[:N_REFERENCE] / 255.0

@@ -4,7 +4,7 @@ Each PyTorch run is a subprocess (the backend is chosen when Keras is imported) 
 `tests/without_tensorflow.py --also-block jax`, which makes `import tensorflow` and `import jax` fail as
 on a machine with neither: every file the TensorFlow path writes must appear all the same. The data
 are tiny (20 training images, 2 steps of 10). Skipped where PyTorch is not installed
-(`requirements-torch.txt`; CI installs it).
+(`requirements/torch.txt`; CI installs it).
 
 That a weights file computes the same on PyTorch as on TensorFlow (the layout of every weight) is
 checked output for output in test_backends.py; here the same `-t` accuracy both ways, on JAX too.
@@ -27,7 +27,7 @@ from PIL import Image
 import capsulenet
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                                reason="PyTorch is not installed (pip install -r requirements-torch.txt)")
+                                reason="PyTorch is not installed (pip install -r requirements/torch.txt)")
 
 # The columns the TensorFlow path writes (README, "Training writes").
 LOG_COLUMNS = ["epoch", "loss", "capsnet_loss", "decoder_loss", "capsnet_accuracy", "val_loss",
@@ -162,7 +162,7 @@ def test_the_autotuner_times_both_convolutions_on_pytorch(tmp_path: Path) -> Non
     script.write_text(
         "import json, sys\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
-        "import keras, autotune, capsulelayers\n"
+        "import keras, capsulelayers\nfrom capsnet import autotune\n"
         "x = keras.Input((9, 9, 3))\n"
         "h = capsulelayers.Conv2D(4, 3, name='first')(x)\n"
         "model = keras.Model(x, capsulelayers.Conv2D(4, 3, strides=2, name='primary')(h))\n"

@@ -23,7 +23,7 @@ from conftest import save_npz, synthetic_raw, weights_in
 from scipy import ndimage
 
 import capsulenet
-import training
+from capsnet import batches, training
 
 SEED = 7
 BATCH = 20
@@ -64,7 +64,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
     `decay_05` (`--lr_decay 0.5 --lam_recon 0.5 --shift_fraction 0.2`, 3 epochs), `decay_09` (the same
     with `--lr_decay 0.9`) and `no_recon` (`--lam_recon 0 --shift_fraction 0`, 1 epoch).
 
-    `training.train_batches` is wrapped (its results pass through unchanged) to record the arguments
+    `batches.train_batches` is wrapped (its results pass through unchanged) to record the arguments
     the command line gave it."""
     folder = tmp_path_factory.mktemp("training")
     npz = save_npz(folder / "tiny.npz", synthetic_raw(N_TRAIN, 20, seed=3))
@@ -74,7 +74,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
         "no_recon": ["--epochs", "1", "--lr_decay", "0.5", "--lam_recon", "0", "--shift_fraction", "0"],
     }
     results: dict[str, Run] = {}
-    real = training.train_batches
+    real = batches.train_batches
     for name, extra in flags.items():
         calls: list[dict] = []
 
@@ -86,7 +86,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
 
         save_dir = folder / name
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(training, "train_batches", recording)
+            patch.setattr(batches, "train_batches", recording)
             code = capsulenet.main([*COMMON, *extra, "--dataset", str(npz), "--save_dir", str(save_dir)])
         assert code == 0, name
         results[name] = Run(save_dir, pd.read_csv(save_dir / "log.csv"), calls)
@@ -208,7 +208,7 @@ def test_lam_recon_0_gives_the_decoder_no_gradient(runs: dict[str, Run]) -> None
 def test_whole_pixel_shift_moves_the_content_with_zero_fill() -> None:
     """2 rows down and 3 columns left: out[r, c] = x[r - 2, c + 3] inside, 0 where that is outside."""
     x = np.random.default_rng(0).uniform(size=(1, 6, 7, 2)).astype("float32")
-    out = training.shift_images(x, np.array([2.0]), np.array([-3.0]))
+    out = batches.shift_images(x, np.array([2.0]), np.array([-3.0]))
     want = np.zeros_like(x)
     want[:, 2:6, 0:4] = x[:, 0:4, 3:7]
     np.testing.assert_allclose(out, want, atol=1e-7)
@@ -219,7 +219,7 @@ def test_a_bright_pixel_that_leaves_the_image_disappears() -> None:
     the right column; half a pixel down keeps half of it in place."""
     x = np.zeros((3, 28, 28, 1), "float32")
     x[:, 27, 0] = 1.0
-    out = training.shift_images(x, np.array([1.5, 0.5, 0.0]), np.array([-0.5, 0.0, -1.0]))
+    out = batches.shift_images(x, np.array([1.5, 0.5, 0.0]), np.array([-0.5, 0.0, -1.0]))
     np.testing.assert_array_equal(out[0], 0.0)
     assert out[1, 27, 0, 0] == pytest.approx(0.5) and out[1].sum() == pytest.approx(0.5)
     np.testing.assert_array_equal(out[2], 0.0)
@@ -231,13 +231,13 @@ def test_half_pixel_shift_is_bilinear() -> None:
     edge (half of the first pixel, half zero fill); left by 0.25, the last column is 0.75 x[27]."""
     dot = np.zeros((1, 28, 28, 1), "float32")
     dot[0, 10, 10] = 1.0
-    out = training.shift_images(dot, np.array([0.5]), np.array([0.5]))
+    out = batches.shift_images(dot, np.array([0.5]), np.array([0.5]))
     want = np.zeros_like(dot)
     want[0, 10:12, 10:12] = 0.25
     np.testing.assert_allclose(out, want, atol=1e-7)
 
     ramp = np.tile((np.arange(28, dtype="float32") + 1) / 10, (2, 28, 1))[..., None]  # [2, 28, 28, 1]
-    out = training.shift_images(ramp, np.array([0.0, 0.0]), np.array([0.5, -0.25]))
+    out = batches.shift_images(ramp, np.array([0.0, 0.0]), np.array([0.5, -0.25]))
     right = np.array([0.05] + [(c + 0.5) / 10 for c in range(1, 28)])
     np.testing.assert_allclose(out[0, :, :, 0], np.tile(right, (28, 1)), atol=1e-6)
     left = np.array([(c + 1.25) / 10 for c in range(27)] + [0.75 * 2.8])
@@ -270,11 +270,11 @@ def test_training_batches_are_the_ordered_images_shifted_within_the_fraction() -
     n, batch_size, fraction = 120, 40, 0.1
     x = marked_images(n)  # 28 x 40: shifts up to 2.8 rows and 4.0 columns
     y = np.eye(10, dtype="float32")[np.arange(n) % 10]
-    order = training.batch_order(n, batch_size, seed=3, epoch=2)
-    batches = list(training.train_batches(x, y, batch_size, fraction, seed=3, epoch=2))
-    assert len(batches) == len(order) == n // batch_size
+    order = batches.batch_order(n, batch_size, seed=3, epoch=2)
+    made = list(batches.train_batches(x, y, batch_size, fraction, seed=3, epoch=2))
+    assert len(made) == len(order) == n // batch_size
     offsets = []
-    for indices, (xb, yb) in zip(order, batches, strict=True):
+    for indices, (xb, yb) in zip(order, made, strict=True):
         np.testing.assert_array_equal(yb, y[indices])
         shift = offsets_of(xb)
         offsets.append(shift)
@@ -297,7 +297,7 @@ def test_shifts_are_reproducible_from_seed_and_epoch() -> None:
     y = np.eye(10, dtype="float32")[np.arange(60) % 10]
 
     def epoch_of(seed: int, epoch: int) -> np.ndarray:
-        return np.stack([xb for xb, _ in training.train_batches(x, y, 20, 0.1, seed=seed, epoch=epoch)])
+        return np.stack([xb for xb, _ in batches.train_batches(x, y, 20, 0.1, seed=seed, epoch=epoch)])
 
     first = epoch_of(5, 1)
     np.testing.assert_array_equal(epoch_of(5, 1), first)
@@ -305,20 +305,20 @@ def test_shifts_are_reproducible_from_seed_and_epoch() -> None:
         assert np.abs(other - first).max() > 0.1
     # The shifts themselves change, not only the order: the same image gets another offset.
     x_same = np.repeat(x[:1], 60, axis=0)
-    a = np.concatenate([xb for xb, _ in training.train_batches(x_same, y, 20, 0.1, seed=5, epoch=1)])
-    b = np.concatenate([xb for xb, _ in training.train_batches(x_same, y, 20, 0.1, seed=5, epoch=2)])
+    a = np.concatenate([xb for xb, _ in batches.train_batches(x_same, y, 20, 0.1, seed=5, epoch=1)])
+    b = np.concatenate([xb for xb, _ in batches.train_batches(x_same, y, 20, 0.1, seed=5, epoch=2)])
     assert np.abs(offsets_of(a) - offsets_of(b)).max() > 0.1
 
 
 def test_shift_fraction_0_gives_the_originals_in_batch_order() -> None:
     x = marked_images(50)
     y = np.eye(10, dtype="float32")[np.arange(50) % 10]
-    order = training.batch_order(50, 20, seed=9, epoch=4)
+    order = batches.batch_order(50, 20, seed=9, epoch=4)
     assert order.shape == (2, 20)  # full batches only: 10 images are left out this epoch
     assert len(np.unique(order)) == 40 and order.min() >= 0 and order.max() < 50
-    batches = list(training.train_batches(x, y, 20, 0.0, seed=9, epoch=4))
-    assert len(batches) == 2
-    for indices, (xb, yb) in zip(order, batches, strict=True):
+    made = list(batches.train_batches(x, y, 20, 0.0, seed=9, epoch=4))
+    assert len(made) == 2
+    for indices, (xb, yb) in zip(order, made, strict=True):
         np.testing.assert_array_equal(xb, x[indices])
         np.testing.assert_array_equal(yb, y[indices])
 

@@ -18,7 +18,7 @@ if __name__ == "__main__":
 
     if keras.backend.backend() == "torch":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        import backends
+        from capsnet import backends
 
         backends.TorchSteps._all_reduce = lambda self, grads: grads
     elif keras.backend.backend() == "jax":
@@ -27,8 +27,8 @@ if __name__ == "__main__":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         import numpy as np
 
-        import backends
-        import jax_distributed
+        from capsnet import backends
+        from capsnet.distributed import jax_distributed
 
         join = jax_distributed.join
 

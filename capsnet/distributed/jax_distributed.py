@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backup import agree_on_resume_point as agree_on_backups
-from errors import UserError
+from capsnet.backup import agree_on_resume_point as agree_on_backups
+from capsnet.errors import UserError
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 # A peer that stops sending heartbeats for this long fails the others (JAX's default is minutes).

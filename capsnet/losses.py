@@ -13,7 +13,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from capsulelayers import PACKAGE
+from capsnet.layers import PACKAGE
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

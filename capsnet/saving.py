@@ -24,9 +24,11 @@ import zipfile
 import keras
 import numpy as np
 
-import atomic
-import capsulelayers  # noqa: F401 - registers the layers that .keras files name
-from errors import UserError
+from capsnet import (
+    atomic,
+    layers,  # noqa: F401 - registers the layers that .keras files name
+)
+from capsnet.errors import UserError
 
 
 def _is_legacy_h5(path: str) -> bool:

@@ -30,7 +30,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from losses import ONE_DIGIT, Objective
+from capsnet.losses import ONE_DIGIT, Objective
 
 
 def make_steps(model: keras.Model, optimizer: Any, lam_recon: float, batch_size: int,

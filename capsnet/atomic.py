@@ -6,7 +6,7 @@ leaves a truncated file where a good one was. NumPy-free and Keras-free, so that
 
 Usage::
 
-    from atomic import atomic_path, write_text_atomic
+    from capsnet.atomic import atomic_path, write_text_atomic
 
     with atomic_path("result/log.png") as tmp:
         figure.savefig(tmp, format="png")

@@ -394,7 +394,7 @@ def overlay_image(x: np.ndarray, recon_first: np.ndarray, recon_second: np.ndarr
         `[2 * ceil(m / 10) * 36, 10 * 36, 3]` float32 RGB in [0, 1], m = min(n, 50); with n >= 50
         `[360, 360, 3]`. `utils.save_image` writes it.
     """
-    from utils import combine_images  # utils imports only NumPy at module level
+    from capsnet.plots import combine_images  # utils imports only NumPy at module level
 
     x = np.asarray(x, dtype=np.float32)
     m = min(len(x), FIGURE_IMAGES)
@@ -440,7 +440,7 @@ class PairBatcher:
         self._valid: tuple[int, tuple[np.ndarray, ...]] | None = None
 
     def train(self, x: np.ndarray, y: np.ndarray, epoch: int, seed: int) -> Iterator[tuple[np.ndarray, ...]]:
-        from training import batch_order  # the same shuffling as single digits
+        from capsnet.batches import batch_order  # the same shuffling as single digits
 
         pairs = train_pairs(x, y, seed, epoch)
         for indices in batch_order(len(pairs), self.batch_size, seed, epoch):

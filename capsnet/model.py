@@ -7,7 +7,7 @@ values of its flags, `deploy.py` rebuilds one in float32 for export.
 
 Usage::
 
-    from capsnet_model import CapsNet
+    from capsnet.model import CapsNet
 
     train_model, eval_model, manipulate_model = CapsNet((28, 28, 1), n_class=10, routings=3)
     lengths, reconstruction = eval_model(x)   # [batch, 10], [batch, 28, 28, 1]
@@ -22,8 +22,8 @@ from typing import Any
 import keras
 from keras import layers
 
-from capsulelayers import CapsuleLayer, Length, Mask, PrimaryCap
-from losses import margin_loss
+from capsnet.layers import CapsuleLayer, Length, Mask, PrimaryCap
+from capsnet.losses import margin_loss
 
 # The dimension of a digit capsule (the paper's 16D DigitCaps); the manipulation plot perturbs each one.
 CAPSULE_DIM = 16

@@ -338,7 +338,7 @@ def time_conv_candidates(config: dict, input_shape: tuple[int, ...], input_grad:
     """Seconds of forward + backward of a `capsulelayers.Conv2D` of `config` with each implementation
     (`CANDIDATES`), on fresh layers (the model's own weights are not touched), under dtype `policy`
     (default: the config's). None where this backend has no timer."""
-    from capsulelayers import Conv2D
+    from capsnet.layers import Conv2D
 
     with _quiet_retracing():
         return _time_candidates(Conv2D, config, input_shape, input_grad, policy, rounds)
@@ -455,7 +455,7 @@ def tune_model(model: keras.Model, batch_size: int, explicit: str = "auto",
     Returns:
         the choices by layer name.
     """
-    from capsulelayers import Conv2D
+    from capsnet.layers import Conv2D
 
     cache = cache or DecisionCache(say=say)
     model_inputs = {id(t) for t in model.inputs}
@@ -520,7 +520,7 @@ def bfloat16_ratio(batch_size: int, cache: DecisionCache | None = None, say: Say
     key = {"decision": "bfloat16", **machine_key(), "input_shape": list(input_shape)}
     record = cache.get(key)
     if record is None or not isinstance(record.get("ratio"), (int, float)):
-        from capsulelayers import Conv2D
+        from capsnet.layers import Conv2D
 
         full = Conv2D(**config).get_config()
         float32 = time_conv_candidates(full, input_shape, policy="float32", rounds=1)

@@ -18,7 +18,7 @@ RGB.
 
 Usage::
 
-    from image_folder import load_image_folder, load_for_prediction, save_class_names
+    from capsnet.image_folder import load_image_folder, load_for_prediction, save_class_names
 
     ((x_train, y_train), (x_test, y_test)), class_names = load_image_folder("my_data", (28, 28))
     save_class_names("result/class_names.json", class_names)
@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from atomic import write_text_atomic
-from errors import DataError
+from capsnet.atomic import write_text_atomic
+from capsnet.errors import DataError
 
 # `utils.Dataset`, spelled out here: `utils.load_labelled_dataset` reads image folders through this
 # module, which therefore does not import it.

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-import utils
+from capsnet import atomic
 
 FILE_NAME = "explore.html"
 TEMPLATE = Path(__file__).resolve().with_name("explore_template.html")
@@ -111,7 +111,7 @@ def page_data(capsules: np.ndarray, lengths: np.ndarray, images: np.ndarray, lab
     Args:
         capsules: `[m, n_class, 16]` the shown images' digit capsules.
         lengths: `[m, n_class]` their lengths.
-        images: `[m, rows, cols, channels]` in [0, 1] (stored as 8-bit, as `utils.save_image` rounds).
+        images: `[m, rows, cols, channels]` in [0, 1] (stored as 8-bit, as `plots.save_image` rounds).
         labels: `[m]` classes, or `[m, 2]` for MultiMNIST (first and second digit).
         source_index: `[m]` each image's index in the test set, shown on the page.
         layers: `decoder_layers(...)`.
@@ -178,7 +178,7 @@ def write_explorer(eval_model: Any, x: np.ndarray, labels: np.ndarray, class_nam
     data = page_data(capsules, lengths, x[index], labels[index], index,
                      decoder_layers(eval_model.get_layer("decoder")), class_names, title)
     path = Path(path)
-    with utils.atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         Path(tmp).write_text(render(data), encoding="utf-8")
     return path
 

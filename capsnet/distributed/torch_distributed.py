@@ -28,8 +28,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from backup import agree_on_resume_point as agree_on_backups
-from errors import UserError
+from capsnet.backup import agree_on_resume_point as agree_on_backups
+from capsnet.errors import UserError
 
 # torchrun's variables (also what a hand-started process must set).
 ENV_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -6,7 +6,7 @@ command line (`capsulenet.py -t`) and `experiments/gallery.py` call them.
 
 Usage::
 
-    from evaluation import manipulate_latent, test
+    from capsnet.evaluation import manipulate_latent, test
 
     accuracy = test(eval_model, (x_test, y_test), batch_size=100, save_dir="result")
     manipulate_latent(manipulate_model, (x_test, y_test), digit=5, save_dir="result")
@@ -21,10 +21,9 @@ from typing import Any
 import keras
 import numpy as np
 
-import multimnist
-import utils
-from capsnet_model import CAPSULE_DIM
-from errors import UserError
+from capsnet import multimnist, plots
+from capsnet.errors import UserError
+from capsnet.model import CAPSULE_DIM
 
 # Offsets added to one capsule dimension in the manipulation plot: -0.25, -0.2, ..., 0.25.
 PERTURBATIONS = np.round(np.arange(-0.25, 0.25 + 1e-9, 0.05), 2)
@@ -46,9 +45,9 @@ def test(model: keras.Model, data: tuple[np.ndarray, np.ndarray], batch_size: in
     accuracy = float(np.mean(np.argmax(y_pred, 1) == np.argmax(y_test, 1)))
     print("-" * 30 + "Begin: test" + "-" * 30)
     print(f"Test acc: {accuracy:.4f}")
-    image = utils.combine_images(np.concatenate([x_test[:50], x_recon[:50]]))
+    image = plots.combine_images(np.concatenate([x_test[:50], x_recon[:50]]))
     path = Path(save_dir) / "real_and_recon.png"
-    utils.save_image(image, path)
+    plots.save_image(image, path)
     print(f"Reconstructed images are saved to {path}")
     print("-" * 30 + "End: test" + "-" * 30)
     return accuracy
@@ -84,7 +83,7 @@ def test_two_digits(eval_model: keras.Model, pairs: Any, batch_size: int = 100,
     recons = [keras.ops.convert_to_numpy(decoder(
         (capsules * eye[top2[:, k]][:, :, None]).reshape(len(capsules), -1), training=False)) for k in (0, 1)]
     path = Path(save_dir) / "real_and_recon.png"
-    utils.save_image(multimnist.overlay_image(shown.x, *recons), path)
+    plots.save_image(multimnist.overlay_image(shown.x, *recons), path)
     print(f"Reconstructed images are saved to {path}")
     print("-" * 30 + "End: test" + "-" * 30)
     return scores
@@ -136,9 +135,9 @@ def manipulate_latent(model: keras.Model, data: tuple[np.ndarray, np.ndarray], d
     decoder = model.get_layer("decoder")
     x_recons = keras.ops.convert_to_numpy(
         decoder(masked.reshape(len(noise), -1).astype("float32"), training=False))
-    image = utils.combine_images(x_recons, height=CAPSULE_DIM)
+    image = plots.combine_images(x_recons, height=CAPSULE_DIM)
     path = Path(save_dir) / f"manipulate-{digit}.png"
-    utils.save_image(image, path)
+    plots.save_image(image, path)
     print(f"manipulated result saved to {path}")
     print("-" * 30 + "End: manipulate" + "-" * 30)
     return x_recons

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-import atomic
-from errors import UserError
+from capsnet import atomic
+from capsnet.errors import UserError
 
 STATE_FILE = "state.json"
 

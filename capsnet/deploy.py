@@ -13,14 +13,14 @@ Keras' own `model.export`:
 Each export takes any batch size, is float32 (a `--mixed_precision` model is rebuilt in float32
 first) and returns `[lengths [batch, n_class], reconstruction [batch, rows, cols, channels]]`.
 Exporting needs the TensorFlow backend; `onnx` also needs `tf2onnx` and `onnx`
-(`pip install -r requirements-export.txt`, which also holds the runtimes).
+(`pip install -r requirements/export.txt`, which also holds the runtimes).
 
 Usage::
 
     python capsulenet.py -w result/trained_model.keras --predict digit.png my_pictures/ [--invert]
     python capsulenet.py -w result/trained_model.keras --export onnx
 
-    import deploy
+    from capsnet import deploy
     eval_model, class_names = deploy.load_eval_model("result/trained_model.keras", build=...)
     deploy.predict_images(eval_model, ["digit.png"], class_names, invert=False, save_dir="result",
                           batch_size=100)
@@ -42,12 +42,9 @@ from typing import Any
 import keras
 import numpy as np
 
-import atomic
-import image_folder
-import saving
-import utils
-from capsnet_model import CapsNet
-from errors import DataError, UserError
+from capsnet import atomic, datasets, image_folder, plots, saving
+from capsnet.errors import DataError, UserError
+from capsnet.model import CapsNet
 
 EXPORT_FORMATS = ("tf_saved_model", "onnx", "litert")
 # Where each format is written, inside save_dir.
@@ -57,13 +54,13 @@ EXPORT_NAMES = {
     "litert": "trained_model.tflite",
 }
 # (module, pinned requirement) that exporting a format needs besides TensorFlow; the pins are those of
-# requirements-export.txt (a test keeps the two equal).
+# requirements/export.txt (a test keeps the two equal).
 EXPORT_PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {
     "tf_saved_model": (),
     "onnx": (("tf2onnx", "tf2onnx==1.17.0"), ("onnx", "onnx==1.23.2")),
     "litert": (),  # the converter ships with TensorFlow; ai-edge-litert only runs the file
 }
-REQUIREMENTS_FILE = "requirements-export.txt"
+REQUIREMENTS_FILE = "requirements/export.txt"
 PREDICTIONS_CSV = "predictions.csv"
 PREDICTIONS_PNG = "predictions.png"
 # predictions.png shows the first this many images: a folder of 100,000 pictures would otherwise make
@@ -209,7 +206,7 @@ def _write_predictions(table: list[list[Any]], previews: list[np.ndarray], class
     with atomic.atomic_path(csv_path) as tmp:
         pd.DataFrame(table, columns=columns).to_csv(tmp, index=False)
     png_path = save_dir / PREDICTIONS_PNG
-    utils.save_image(utils.combine_images(np.stack(previews)), png_path)
+    plots.save_image(plots.combine_images(np.stack(previews)), png_path)
     shown = "" if len(previews) == len(table) else f" (the first {len(previews)})"
     print(f"Predictions of {len(table)} image(s) saved to '{csv_path}', inputs beside their "
           f"reconstructions{shown} to '{png_path}'")
@@ -268,7 +265,7 @@ def check_export_requirements(fmt: str) -> None:
     if backend != "tensorflow":
         raise UserError(f"--export {fmt}: needs the TensorFlow backend, this run uses "
                         f"KERAS_BACKEND={backend}; run it without KERAS_BACKEND after pip install -r "
-                        f"requirements.txt -r {REQUIREMENTS_FILE}")
+                        f"{REQUIREMENTS_FILE}")
     missing = []
     for module, requirement in EXPORT_PACKAGES[fmt]:
         try:
@@ -346,7 +343,7 @@ def _export(model: keras.Model, fmt: str, path: str) -> None:
         # Keras also allows TensorFlow ("Flex") ops, which the ai-edge-litert interpreter cannot run:
         # fail here, at export, rather than on the user's device.
         kwargs["target_spec"] = {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}
-    with warnings.catch_warnings(), utils.native_stderr_quiet():
+    with warnings.catch_warnings(), datasets.native_stderr_quiet():
         # tf2onnx's numpy-2 notes and the converters' C++ logs are not for a person at a terminal;
         # errors still arrive as Python exceptions.
         warnings.simplefilter("ignore")

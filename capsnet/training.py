@@ -21,23 +21,17 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-import atomic
-import backends
-import losses
-import saving
-import utils
-from backup import Backup, RunState
-from errors import TrainingDivergedError
+from capsnet import atomic, backends, datasets, losses, plots, saving
+from capsnet.backup import Backup, RunState
+from capsnet.batches import DigitBatcher, prefetch
+from capsnet.errors import TrainingDivergedError
 
 # What every step and every validation returns, summed over its samples (the loop divides).
 SUMS = ("loss", "capsnet_loss", "decoder_loss", "capsnet_accuracy")
@@ -106,121 +100,6 @@ def make_optimizer(lr: float, lr_decay: float, steps_per_epoch: int) -> keras.op
     if keras.mixed_precision.global_policy().name == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------------
-
-
-def shift_images(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Moves each image by its own sub-pixel offset, bilinear, zero fill (no wrap).
-
-    Args:
-        x: `[n, rows, cols, channels]`.
-        rows, cols: `[n]` offsets in pixels; positive moves the content down / right.
-
-    Returns:
-        `[n, rows, cols, channels]`, `out[i, r, c] = x[i, r - rows[i], c - cols[i]]` interpolated.
-    """
-    return _shift_axis(_shift_axis(x, rows, axis=1), cols, axis=2)
-
-
-def _shift_axis(x: np.ndarray, offsets: np.ndarray, axis: int) -> np.ndarray:
-    # A translation is separable: along one axis, out[j] = (1 - f) x[j - k] + f x[j - k - 1] for the
-    # offset k + f (k whole, 0 <= f < 1), with x = 0 outside the image.
-    # Hand-written because it is measured faster: ~1 ms per batch of 100 MNIST images here, against
-    # ~6 ms for keras.layers.RandomTranslation called eagerly, and it needs no backend at all.
-    size = x.shape[axis]
-    whole = np.floor(offsets)
-    frac = (offsets - whole).astype(x.dtype)
-    shape = [len(x)] + [1] * (x.ndim - 1)
-    shape[axis] = size
-    out = np.zeros_like(x)
-    for source_offset, weight in ((whole, 1 - frac), (whole + 1, frac)):
-        source = np.arange(size)[None, :] - source_offset[:, None].astype(np.int64)  # [n, size]
-        inside = (source >= 0) & (source < size)
-        picked = np.take_along_axis(x, np.clip(source, 0, size - 1).reshape(shape), axis=axis)
-        out += picked * (inside * weight[:, None]).reshape(shape).astype(x.dtype)
-    return out
-
-
-def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
-    """The sample indices of each training step of `epoch`, `[n // batch_size, batch_size]`.
-
-    Depends only on `(seed, epoch)`, so a resumed run sees the data an uninterrupted one would. Only
-    full batches, as the original's `steps_per_epoch = n // batch_size`.
-    """
-    steps = n // batch_size
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[: steps * batch_size].reshape(steps, batch_size)
-
-
-def train_batches(x: np.ndarray, y: np.ndarray, batch_size: int, shift_fraction: float, seed: int,
-                  epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """One epoch of shuffled training batches, each image shifted at random.
-
-    The shift of each image is drawn uniformly in `[-shift_fraction, shift_fraction]` times the image's
-    height and width, sub-pixel and zero-filled, as the original's
-    `ImageDataGenerator(width_shift_range, height_shift_range)` drew it; like the order, it depends
-    only on `(seed, epoch)`.
-
-    Args:
-        x: `[n, rows, cols, channels]` float32; y: `[n, n_class]`.
-
-    Yields:
-        `(x [batch_size, rows, cols, channels], y [batch_size, n_class])`.
-    """
-    order = batch_order(len(x), batch_size, seed, epoch)
-    rng = np.random.default_rng([seed, epoch, 1])  # its own stream: the order stays that of older runs
-    size = np.array(x.shape[1:3], dtype=np.float64)
-    for indices in order:
-        xb, yb = x[indices], y[indices]
-        if shift_fraction > 0:
-            offsets = rng.uniform(-shift_fraction, shift_fraction, size=(len(indices), 2)) * size
-            xb = shift_images(xb, offsets[:, 0], offsets[:, 1])
-        yield xb, yb
-
-
-class DigitBatcher:
-    """Batches of single-digit data: shuffled, randomly shifted `(x, y)` for training (see
-    `train_batches`), and the test set as it is for validation.
-
-    Args:
-        batch_size: images per training step.
-        shift_fraction: the largest shift, as a fraction of the image size.
-    """
-
-    def __init__(self, batch_size: int, shift_fraction: float) -> None:
-        self.batch_size = batch_size
-        self.shift_fraction = shift_fraction
-
-    def train(self, x: np.ndarray, y: np.ndarray, epoch: int, seed: int
-              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        return train_batches(x, y, self.batch_size, self.shift_fraction, seed, epoch)
-
-    def valid(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return x, y
-
-
-def prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """`batches`, made one or two ahead in a thread while the device computes the current step."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def produce() -> None:
-        try:
-            for batch in batches:
-                slots.put(batch)
-        except BaseException as e:  # handed to the consumer, which raises it
-            slots.put(e)
-        slots.put(done)
-
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := slots.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +290,7 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return max(1, n_train // batch_size)
 
 
-def train(model: keras.Model, eval_model: keras.Model, optimizer: Any, data: utils.Dataset,
+def train(model: keras.Model, eval_model: keras.Model, optimizer: Any, data: datasets.Dataset,
           config: TrainConfig, backup: Backup, strategy: Any = None, is_chief: bool = True,
           objective: losses.Objective = losses.ONE_DIGIT, batcher: Any = None) -> None:
     """Trains `model` (the train model) on `data`, validating on the test set every epoch.
@@ -430,5 +309,5 @@ def train(model: keras.Model, eval_model: keras.Model, optimizer: Any, data: uti
         path = Path(config.save_dir) / "trained_model.weights.h5"
         saving.save_weights(eval_model, path)
         print(f"Trained model saved to '{path}'")
-        utils.plot_log(Path(config.save_dir) / "log.csv", show=False)
+        plots.plot_log(Path(config.save_dir) / "log.csv", show=False)
     backup.remove()

@@ -1,0 +1,1 @@
+"""Training on several processes: one flow for every engine, one small adapter per engine."""
