@@ -330,11 +330,11 @@ def run_train(args: argparse.Namespace, data: datasets.Dataset, class_names: Seq
                    is_chief=is_chief, objective=objective, batcher=batcher)
     if is_chief:
         saving.save_model(eval_model, Path(args.save_dir) / "trained_model.keras")
-        image_folder.save_class_names(Path(args.save_dir) / image_folder.DEFAULT_CLASS_NAMES_FILE,
+        datasets.save_class_names(Path(args.save_dir) / datasets.DEFAULT_CLASS_NAMES_FILE,
                                       class_names)
         print(f"Full model (x -> [lengths, reconstruction]) saved to "
               f"'{args.save_dir}/trained_model.keras', its class names to "
-              f"'{args.save_dir}/{image_folder.DEFAULT_CLASS_NAMES_FILE}'")
+              f"'{args.save_dir}/{datasets.DEFAULT_CLASS_NAMES_FILE}'")
 
 
 def run_test(args: argparse.Namespace, data: datasets.Dataset, class_names: Sequence[str], is_chief: bool = True,

@@ -26,8 +26,8 @@ def shift_images(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarra
 def _shift_axis(x: np.ndarray, offsets: np.ndarray, axis: int) -> np.ndarray:
     # A translation is separable: along one axis, out[j] = (1 - f) x[j - k] + f x[j - k - 1] for the
     # offset k + f (k whole, 0 <= f < 1), with x = 0 outside the image.
-    # Hand-written because it is measured faster: ~1 ms per batch of 100 MNIST images here, against
-    # ~6 ms for keras.layers.RandomTranslation called eagerly, and it needs no backend at all.
+    # Hand-written in NumPy: faster than keras.layers.RandomTranslation called eagerly per batch
+    # (bench/RESULTS.md), and it needs no backend at all, so batches are made beside the device's step.
     size = x.shape[axis]
     whole = np.floor(offsets)
     frac = (offsets - whole).astype(x.dtype)

@@ -2,30 +2,27 @@
 
 Data arrive as `x` float32 `[n, rows, cols, channels]` in [0, 1] and `y` one-hot float32
 `[n, n_class]`, from `keras.datasets` (`mnist`, `fashion_mnist`, `cifar10`) or from local files (IDX
-folders, `.npz`, and folders of images, which `image_folder.py` reads), so the same command line runs
+folders, `.npz`, and folders of images, which `capsnet.image_folder` reads), so the same command line runs
 offline. `load_labelled_dataset` is the one entry point: it tells the sources apart and checks the
-arrays. Files are written whole or not at all (`atomic.py`).
+arrays.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import math
 import os
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from capsnet.atomic import (  # noqa: F401 - also used as utils.*
-    atomic_path,
-    check_free_space,
-    write_text_atomic,
-)
-from capsnet.errors import DataError
+from capsnet.atomic import write_text_atomic
+from capsnet.errors import DataError, first_line
 
 IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -42,6 +39,8 @@ CLASS_NAMES = {
 }
 # Where Debian's `dataset-fashion-mnist` package puts the IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# Written beside the weights, so that --predict prints the names a model was trained with.
+DEFAULT_CLASS_NAMES_FILE = "class_names.json"
 
 Dataset = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -251,3 +250,40 @@ def load_labelled_dataset(spec: str = "mnist", image_size: tuple[int, int] | Non
     n_class = data[0][1].shape[1]
     names = CLASS_NAMES.get(spec if spec in KERAS_DATASETS and not path.exists() else "")
     return data, names if names and len(names) == n_class else [str(i) for i in range(n_class)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Class names
+# ---------------------------------------------------------------------------------------------
+
+
+def save_class_names(path: str | os.PathLike, names: Sequence[str]) -> None:
+    """Writes `{"class_names": [...]}` to `path` atomically, so predictions can print names."""
+    names = list(names)
+    if not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: class names must be strings, got {names!r}")
+    write_text_atomic(path, json.dumps({"class_names": names}, indent=2, ensure_ascii=False) + "\n")
+
+
+def load_class_names(path: str | os.PathLike) -> list[str] | None:
+    """Reads a file written by `save_class_names`.
+
+    Returns:
+        the class names, `names[i]` being class `i`; None if the file does not exist.
+
+    Raises:
+        DataError: the file is not JSON, or `class_names` is not a non-empty list of strings.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read class names ({first_line(e)}); delete the file or "
+                        "write it as {\"class_names\": [\"name\", ...]}") from e
+    names = data.get("class_names") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: expected {{\"class_names\": [\"name\", ...]}} with a non-empty list "
+                        "of strings; fix or delete the file")
+    return names

@@ -43,7 +43,7 @@ import keras
 import numpy as np
 
 from capsnet import atomic, datasets, image_folder, plots, saving
-from capsnet.errors import DataError, UserError
+from capsnet.errors import DataError, UserError, first_line
 from capsnet.model import CapsNet
 
 EXPORT_FORMATS = ("tf_saved_model", "onnx", "litert")
@@ -95,8 +95,8 @@ def load_eval_model(weights: str, build: Callable[[], tuple[keras.Model, list[st
         DataError: `class_names.json` is malformed.
     """
     # Read first: a malformed file should fail before a dataset is loaded for `build`.
-    names_path = Path(weights).parent / image_folder.DEFAULT_CLASS_NAMES_FILE
-    saved_names = image_folder.load_class_names(names_path)
+    names_path = Path(weights).parent / datasets.DEFAULT_CLASS_NAMES_FILE
+    saved_names = datasets.load_class_names(names_path)
     if str(weights).endswith(".keras"):
         model = saving.load_model_file(str(weights))
         class_names = [str(i) for i in range(_n_class(model, str(weights)))]
@@ -119,11 +119,6 @@ def _n_class(model: keras.Model, path: str) -> int:
                         "x -> [capsule lengths, reconstruction] (training writes it to "
                         "trained_model.keras)")
     return int(model.outputs[0].shape[-1])
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return (lines[0][:300] if lines else "") or type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +248,7 @@ def export_model(eval_model: keras.Model, fmt: str, save_dir: str | os.PathLike)
     except (UserError, OSError):
         raise
     except Exception as e:  # TensorFlow's converters raise their own types; say it on one line
-        raise UserError(f"--export {fmt}: the exporter failed ({type(e).__name__}: {_first_line(e)})"
+        raise UserError(f"--export {fmt}: the exporter failed ({type(e).__name__}: {first_line(e)})"
                         ) from e
     print(f"Exported model saved to '{target}'")
     return target

@@ -11,7 +11,8 @@ EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + 
 class DataError(ValueError):
     """A dataset, image or class-names file that cannot be used; the message says why and what to do.
 
-    Raised by the data modules (`utils`, `image_folder`); the command line reports it as a `UserError`.
+    Raised by the data modules (`capsnet.datasets`, `capsnet.image_folder`); the command line reports
+    it as a `UserError`.
     """
 
 
@@ -21,3 +22,10 @@ class UserError(Exception):
 
 class TrainingDivergedError(Exception):
     """The loss became NaN or inf; the last good checkpoint and backup are kept (exit code 3)."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, at most `limit` characters, or its type's name: what
+    a one-line `error:` report can quote of a library's multi-line message."""
+    lines = str(error).strip().splitlines()
+    return (lines[0][:limit] if lines else "") or type(error).__name__

@@ -83,7 +83,7 @@ def test_two_digits(eval_model: keras.Model, pairs: Any, batch_size: int = 100,
     recons = [keras.ops.convert_to_numpy(decoder(
         (capsules * eye[top2[:, k]][:, :, None]).reshape(len(capsules), -1), training=False)) for k in (0, 1)]
     path = Path(save_dir) / "real_and_recon.png"
-    plots.save_image(multimnist.overlay_image(shown.x, *recons), path)
+    plots.save_image(plots.overlay_image(shown.x, *recons), path)
     print(f"Reconstructed images are saved to {path}")
     print("-" * 30 + "End: test" + "-" * 30)
     return scores
@@ -118,7 +118,7 @@ def manipulate_latent(model: keras.Model, data: tuple[np.ndarray, np.ndarray], d
 
     Computes what `model` (the manipulate model) would for the 176 noised copies, but encodes the
     sample once and decodes the 176 masked capsules in one batch: the encoder is 99% of the
-    FLOPs, and this was measured ~20x faster than one predict of 176 (bench/RESULTS.md).
+    FLOPs, so this is far faster than one predict of 176 (bench/RESULTS.md).
 
     Returns:
         the reconstructions, `[16 * 11, rows, cols, channels]`.

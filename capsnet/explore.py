@@ -10,10 +10,9 @@ The page needs no server and no network (its content security policy forbids any
 capsules were computed here by Keras, so only the decoder (three Dense layers, ~1.4M weights for
 28x28 images) runs in the browser, in plain JavaScript. It sums in float64 over the float32 weights,
 so what it draws equals the Keras decoder's output to Keras' own float32 rounding (tests/test_explore.py
-checks within 1e-4 in headless Chromium). The weights are stored as float32 (a float16 copy would
-differ from Keras by ~1e-3): the page is 7.7 MB for MNIST, 10.6 MB for MultiMNIST's 36x36 decoder
-(measured with 8 images per class). Deflating the weights would save ~16% (measured, bytes regrouped
-by significance) but needs the browser's asynchronous DecompressionStream; the page stays plain.
+checks within 1e-4 in headless Chromium). The weights are stored as float32: a float16 copy would
+differ from Keras by ~1e-3, and float32 weights deflate poorly, so the page stays plain (several MB,
+most of it the decoder's weights).
 
 Nothing in the page is executed from the data: class names (which may come from folder names) are
 inserted as text, never as HTML, and the data block escapes every `<`.

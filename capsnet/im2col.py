@@ -36,8 +36,7 @@ def col2im(values: Any, index: np.ndarray, pixels: int, dtype: str) -> Any:
     `take`).
 
     The elements are first put in pixel order (one `take`), then summed by a sorted `segment_sum`:
-    TensorFlow's unsorted one runs on one core (185 ms at PrimaryCaps' batch 100 here), the sorted
-    one on all (48 ms, plus 62 ms to sort).
+    TensorFlow's unsorted one runs on one core, the sorted one on all of them.
 
     Args:
         values: `[batch, len(index), channels]`, e.g. the gradient of the patches.
@@ -139,8 +138,8 @@ def im2col_conv2d(inputs: Any, kernel: Any, strides: tuple[int, int], bias: Any 
 def im2col_is_default() -> bool:
     """The static rule of `Conv2D(implementation="auto")` where nothing was measured (`autotune`
     measures it, the command line does): im2col when the backend (TensorFlow or JAX) computes on the
-    CPU, where it was faster on an AVX-512 Xeon (not on every CPU: 0.82x on an AVX2-only AMD EPYC); the
-    library convolution (cuDNN) on GPUs."""
+    CPU, where three large matrix products beat the library's convolution backward on most CPUs (not
+    on all: bench/RESULTS.md); the library convolution (cuDNN) on GPUs."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf

@@ -18,7 +18,8 @@ RGB.
 
 Usage::
 
-    from capsnet.image_folder import load_image_folder, load_for_prediction, save_class_names
+    from capsnet.datasets import save_class_names
+    from capsnet.image_folder import load_image_folder, load_for_prediction
 
     ((x_train, y_train), (x_test, y_test)), class_names = load_image_folder("my_data", (28, 28))
     save_class_names("result/class_names.json", class_names)
@@ -28,7 +29,6 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -37,17 +37,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from capsnet.atomic import write_text_atomic
-from capsnet.errors import DataError
+from capsnet.errors import DataError, first_line
 
-# `utils.Dataset`, spelled out here: `utils.load_labelled_dataset` reads image folders through this
+# `capsnet.datasets.Dataset`, spelled out here: `capsnet.datasets` reads image folders through this
 # module, which therefore does not import it.
 Dataset = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 # Lower-case suffixes of the files that are read as images; anything else in the folders (README.txt,
 # .DS_Store, labels.csv) is ignored. Compared case-insensitively, so IMG_001.JPG counts.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
-DEFAULT_CLASS_NAMES_FILE = "class_names.json"
 
 # Pillow modes whose pixels are one grey level (an alpha channel, if any, is dropped).
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
@@ -80,11 +78,6 @@ def _strict_decoding() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
 def _open(path: Path) -> Image.Image:
     """Opens and fully decodes one image (call inside `_strict_decoding`).
 
@@ -103,7 +96,7 @@ def _open(path: Path) -> Image.Image:
     except FileNotFoundError as e:
         raise DataError(f"{path}: no such file") from e
     except _DECODE_ERRORS as e:
-        raise DataError(f"{path}: cannot read this image ({_first_line(e)}); replace or delete the "
+        raise DataError(f"{path}: cannot read this image ({first_line(e)}); replace or delete the "
                         "file") from e
 
 
@@ -162,7 +155,7 @@ def _to_array(image: Image.Image, path: Path, channels: int | None = None) -> np
             return (np.asarray(rgb.convert("L"), dtype=np.float32) / 255.0)[..., np.newaxis]
         return np.asarray(rgb, dtype=np.float32) / 255.0
     except _DECODE_ERRORS as e:
-        raise DataError(f"{path}: cannot convert mode {image.mode} to RGB ({_first_line(e)}); save "
+        raise DataError(f"{path}: cannot convert mode {image.mode} to RGB ({first_line(e)}); save "
                         "it as an RGB or grayscale PNG/JPEG") from e
 
 
@@ -432,40 +425,3 @@ def load_image_folder(
     y = np.eye(len(class_names), dtype=np.float32)[labels]
     n_train = len(train_files)
     return ((x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])), class_names
-
-
-# ---------------------------------------------------------------------------------------------
-# Class names
-# ---------------------------------------------------------------------------------------------
-
-
-def save_class_names(path: str | os.PathLike, names: Sequence[str]) -> None:
-    """Writes `{"class_names": [...]}` to `path` atomically, so predictions can print names."""
-    names = list(names)
-    if not all(isinstance(n, str) for n in names):
-        raise DataError(f"{path}: class names must be strings, got {names!r}")
-    write_text_atomic(path, json.dumps({"class_names": names}, indent=2, ensure_ascii=False) + "\n")
-
-
-def load_class_names(path: str | os.PathLike) -> list[str] | None:
-    """Reads a file written by `save_class_names`.
-
-    Returns:
-        the class names, `names[i]` being class `i`; None if the file does not exist.
-
-    Raises:
-        DataError: the file is not JSON, or `class_names` is not a non-empty list of strings.
-    """
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read class names ({_first_line(e)}); delete the file or "
-                        "write it as {\"class_names\": [\"name\", ...]}") from e
-    names = data.get("class_names") if isinstance(data, dict) else None
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{path}: expected {{\"class_names\": [\"name\", ...]}} with a non-empty list "
-                        "of strings; fix or delete the file")
-    return names

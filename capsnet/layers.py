@@ -35,7 +35,7 @@ SQUASH_EPSILON = 1e-7
 # Added under the square root of a capsule length so that its gradient is finite at an all-zero
 # vector. It must stay far below the squared norm of a freshly initialised digit capsule (about
 # (6e-8)^2 = 3.6e-15): the original's later 1e-7 turns every length into sqrt(1e-7) = 3.2e-4, the
-# gradient into ~1e-12, and the model never leaves chance (SPEC section 3). 1e-21 is representable in
+# gradient into ~1e-12, and the model never leaves chance. 1e-21 is representable in
 # float32 and bfloat16; float16 gets its own floor.
 LENGTH_EPSILON = 1e-21
 FLOAT16_LENGTH_EPSILON = 1e-7
@@ -183,9 +183,9 @@ def dynamic_routing(inputs_hat: Any, routings: int) -> Any:
     batched matrix-vector product, and automatic differentiation gives each of the `2 * routings - 1`
     uses its own outer product of `u_hat`'s size plus a sum of them all, where the gradient of `u_hat`
     is one batched product `[1152, k] @ [k, 16]` of the stacked factors (`k = 2 * routings - 1`).
-    Measured 2.4-2.8x faster forward + backward on TensorFlow's CPU (three runs of
-    `bench/digitcaps.py`, 2026-11-28); the tests check it against finite differences of the NumPy
-    equations, on TensorFlow and JAX.
+    The stacked product does the work of the `2 * routings - 1` outer products in one pass over
+    `u_hat` (bench/RESULTS.md has the measured difference); the tests check it against finite
+    differences of the NumPy equations, on TensorFlow and JAX.
 
     Args:
         inputs_hat: the prediction vectors `[batch, num_capsule, input_num_capsule, dim_capsule]`,
@@ -231,8 +231,8 @@ def dynamic_routing(inputs_hat: Any, routings: int) -> Any:
                     coupling_grad = ops.einsum("bjio,bjo->bji", inputs_hat, sums_grad)
                     softmax_grad = c * (coupling_grad - ops.sum(c * coupling_grad, axis=1, keepdims=True))
                     logits_grad = softmax_grad if logits_grad is None else logits_grad + softmax_grad
-            # Stacked as [batch, 10, k, 1152]: contiguous copies, where a last axis of k is a strided
-            # scatter (3x slower here); the batched product reads it transposed.
+            # Stacked as [batch, 10, k, 1152]: contiguous copies, where a last axis of k would be a
+            # strided scatter; the batched product reads it transposed.
             return ops.einsum("bjki,bjko->bjio", ops.stack(factors, axis=2), ops.stack(vectors, axis=2))
 
         return outputs[-1], grad
@@ -301,9 +301,8 @@ class CapsuleLayer(keras.layers.Layer):
         """`u_hat[b, j, i, :] = W[j, i] @ u[b, i]`: `[batch, 1152, 8]` -> `[batch, 10, 1152, 16]`.
 
         One batched matrix product over the input capsules (`[batch, 8] @ [8, 10 * 16]` for each of
-        the 1152), then one transpose into the routing's layout: 2.2-2.5x faster forward + backward
-        than the same `einsum`, which TensorFlow's CPU kernel runs as several transposes of the 74 MB
-        result (batch 100, three runs of `bench/digitcaps.py`, 2026-11-28).
+        the 1152), then one transpose into the routing's layout, where the same `einsum` runs on
+        TensorFlow's CPU kernel as several transposes of the 74 MB result (bench/RESULTS.md).
         """
         weights = ops.transpose(self.W, (1, 3, 0, 2))  # [1152, 8, 10, 16]
         weights = ops.reshape(weights, (self.input_num_capsule, self.input_dim_capsule, -1))

@@ -3,7 +3,7 @@
 `CapsNet` builds the three models that share one set of layers (train, eval, manipulate);
 `two_digit_train_model` adds the MultiMNIST train model (paper section 6) on top of the same layers.
 Nothing here reads a flag or a file: `capsulenet.py` (the command line) builds the models with the
-values of its flags, `deploy.py` rebuilds one in float32 for export.
+values of its flags, `capsnet.deploy` rebuilds one in float32 for export.
 
 Usage::
 

@@ -10,6 +10,11 @@ import numpy as np
 
 from capsnet.atomic import atomic_path
 
+# `overlay_image` follows the single-digit `real_and_recon.png`: 50 inputs in the top 5 rows of a
+# 10-wide grid and their 50 reconstructions in the 5 rows below.
+FIGURE_IMAGES = 50
+FIGURE_WIDTH = 10
+
 
 def combine_images(
     generated_images: np.ndarray, height: int | None = None, width: int | None = None
@@ -108,3 +113,36 @@ def plot_model(model: object, path: str | os.PathLike) -> bool:
     with atomic_path(path) as tmp:
         keras.utils.plot_model(model, to_file=tmp, show_shapes=True)
     return True
+
+
+def overlay_image(x: np.ndarray, recon_first: np.ndarray, recon_second: np.ndarray) -> np.ndarray:
+    """The paper's Figure 5 for `real_and_recon.png`: inputs above, both reconstructions below.
+
+    The first (up to) 50 inputs fill the top 5 rows of a 10-wide grid in gray; below them, in the
+    same places, each image's two reconstructions are drawn over each other, the first digit's in
+    red and the second's in green (R = recon_first, G = recon_second, B = 0), so where they overlap
+    is yellow. With fewer than 50 images the inputs fill fewer rows and the reconstructions still
+    start on a new row.
+
+    Args:
+        x: `[n, 36, 36, 1]` inputs in [0, 1].
+        recon_first, recon_second: `[n, 36, 36, 1]` (or `[n, 1296]`) reconstructions, clipped to [0, 1].
+
+    Returns:
+        `[2 * ceil(m / 10) * 36, 10 * 36, 3]` float32 RGB in [0, 1], m = min(n, 50); with n >= 50
+        `[360, 360, 3]`. `capsnet.plots.save_image` writes it.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    m = min(len(x), FIGURE_IMAGES)
+    if m == 0:
+        raise ValueError("overlay_image needs at least one image")
+    shape = x.shape[1:3]
+    inputs = np.clip(x[:m].reshape((m,) + shape), 0.0, 1.0)
+    red = np.clip(np.asarray(recon_first, dtype=np.float32)[:m].reshape((m,) + shape), 0.0, 1.0)
+    green = np.clip(np.asarray(recon_second, dtype=np.float32)[:m].reshape((m,) + shape), 0.0, 1.0)
+    tiles_per_half = -(-m // FIGURE_WIDTH) * FIGURE_WIDTH  # whole rows, so the halves never share one
+    tiles = np.zeros((2 * tiles_per_half,) + shape + (3,), dtype=np.float32)
+    tiles[:m] = inputs[..., np.newaxis]  # gray: the same value in R, G and B
+    tiles[tiles_per_half : tiles_per_half + m, ..., 0] = red
+    tiles[tiles_per_half : tiles_per_half + m, ..., 1] = green
+    return combine_images(tiles, width=FIGURE_WIDTH)

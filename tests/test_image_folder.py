@@ -13,16 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from capsnet.datasets import DataError
+from capsnet.datasets import DEFAULT_CLASS_NAMES_FILE, DataError, load_class_names, save_class_names
 from capsnet.image_folder import (
-    DEFAULT_CLASS_NAMES_FILE,
     IMAGE_SUFFIXES,
     expand_prediction_paths,
     is_image_folder,
-    load_class_names,
     load_for_prediction,
     load_image_folder,
-    save_class_names,
 )
 
 # Deliberately not in sorted order: class indices must follow the sorted names.

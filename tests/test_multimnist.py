@@ -8,10 +8,11 @@ sums of two such values are exact in float32 (and below 1 for up to 64 digits).
 
 from __future__ import annotations
 
-from capsnet import multimnist as mm
 import numpy as np
 import pytest
 
+from capsnet import multimnist as mm
+from capsnet import plots
 from capsnet.multimnist import MAX_SHIFT, PAD
 
 SIDE = 28
@@ -350,7 +351,7 @@ def test_overlay_image_gray_inputs_red_first_green_second() -> None:
     second[:, 10:, :] = 0.6  # the second on the bottom part
     first[7] = 0.25  # one image with its own recognisable reconstructions
     second[7] = 0.5
-    image = mm.overlay_image(x, first, second)
+    image = plots.overlay_image(x, first, second)
     assert image.shape == (10 * OUT, 10 * OUT, 3)
     assert image.min() >= 0 and image.max() <= 1
     for k in range(50):
@@ -375,7 +376,7 @@ def test_overlay_image_few_images_and_flat_reconstructions() -> None:
     x = np.full((n, OUT, OUT, 1), 0.3, dtype=np.float32)
     first = np.full((n, OUT * OUT), 0.9, dtype=np.float32)
     second = np.full((n, OUT * OUT), 0.4, dtype=np.float32)
-    image = mm.overlay_image(x, first, second)
+    image = plots.overlay_image(x, first, second)
     assert image.shape == (4 * OUT, 10 * OUT, 3)
     np.testing.assert_allclose(tile(image, 1, 1)[0, 0], [0.3, 0.3, 0.3], rtol=1e-6)
     assert (tile(image, 1, 2) == 0).all()  # image 12 does not exist: blank
