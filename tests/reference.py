@@ -1,6 +1,7 @@
 """A plain-NumPy (float64) re-implementation of the equations of Sabour, Frosst & Hinton,
 "Dynamic Routing Between Capsules" (NIPS 2017, arXiv:1710.09829), written from the paper and
-SPEC.md, not from the project's code. The tests compare the Keras layers against it.
+the original project's documented model, not from the project's code. The tests compare the Keras
+layers against it.
 
 Shapes follow the paper's indices: `i` input (lower) capsules, `j` output (higher) capsules.
 Everything is deliberately written with explicit loops and sums, not with the einsum strings the
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SQUASH_EPSILON = 1e-7  # Keras' epsilon, inside the square root of the squash (SPEC section 3)
+SQUASH_EPSILON = 1e-7  # Keras' epsilon, inside the square root of the squash, as the original
 M_PLUS = 0.9
 M_MINUS = 0.1
 LAMBDA = 0.5

@@ -33,7 +33,7 @@ from PIL import Image
 import capsulenet
 from capsnet import datasets, saving
 
-# Every flag of the issue and SPEC section 1, with its default.
+# Every flag of the original's command line (its README and code), with its default, and this port's.
 DEFAULTS = {
     "epochs": 50, "batch_size": 100, "lr": 0.001, "lr_decay": 0.9, "lam_recon": 0.392,
     "routings": 3, "shift_fraction": 0.1, "debug": False, "save_dir": "./result",

@@ -1,5 +1,5 @@
 """`experiments/gallery.py`: one command redraws the 13 pictures of `result/` (issue 14) with the sizes
-of SPEC section 2, and records the test accuracy that the README's captions state.
+of the original's outputs, and records the test accuracy that the README's captions state.
 
 The model is a fresh CapsNet with 1 routing whose weights are saved as a user's would be; the data is
 the synthetic stand-in for MNIST. One subprocess runs the script as a user would (TensorFlow's start-up

@@ -105,7 +105,7 @@ def test_length_gradient_is_finite_and_zero_at_zero() -> None:
 
 
 def test_length_is_exact_for_tiny_capsules() -> None:
-    """SPEC section 3's trap: sqrt(|v|^2 + 1e-7) turns a 1e-8 length into 3.2e-4."""
+    """The original's later trap: sqrt(|v|^2 + 1e-7) turns a 1e-8 length into 3.2e-4."""
     rng = np.random.default_rng(3)
     direction = rng.normal(size=(3, 10, 16))
     direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
@@ -333,7 +333,7 @@ def init_images(n: int) -> np.ndarray:
 
 
 def test_margin_loss_gradient_reaches_w_at_init() -> None:
-    """SPEC section 3: at the glorot init the digit capsules are ~1e-7 long; a length with 1e-7
+    """At the glorot init the digit capsules are ~1e-7 long; a length with 1e-7
     inside the square root leaves W a gradient of ~1e-12..1e-9 and the model never learns.
     Measured 2026-11-25 on the 2-core dev machine: ~7e-7 with the safe norm, 7.5e-10 with 1e-7."""
     keras.utils.set_random_seed(0)

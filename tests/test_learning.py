@@ -1,6 +1,6 @@
 """The model learns: one short epoch on real Fashion-MNIST takes it far above chance.
 
-This is the guard for SPEC section 3's trap (an epsilon inside the capsule length that swamps the
+This is the guard for the original's later trap (an epsilon inside the capsule length that swamps the
 ~1e-7 capsules of a fresh model leaves every gradient at ~1e-12 and the model at chance, 10%)."""
 
 from __future__ import annotations

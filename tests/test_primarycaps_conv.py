@@ -493,7 +493,7 @@ def sgd_step_deltas(implementation: str, batch: tuple[np.ndarray, np.ndarray], s
         keras.utils.set_random_seed(11)
         model, _, _ = capsulenet.CapsNet((28, 28, 1), 10, routings=3)
         model.get_layer("primarycap_conv2d").implementation = implementation
-        rng = np.random.default_rng(11)  # weights where the gradients are not ~1e-12 (SPEC 3)
+        rng = np.random.default_rng(11)  # weights where the gradients are not ~1e-12 (a fresh model's)
         model.set_weights([rng.standard_normal(w.shape).astype("float32") * 0.05
                            for w in model.get_weights()])
         optimizer = keras.optimizers.SGD(learning_rate=1000.0)
