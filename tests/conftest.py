@@ -238,10 +238,10 @@ def small_idx_dir(small_raw: RawData, tmp_path_factory: pytest.TempPathFactory) 
 def assert_log_matches_saved_weights(save_dir: Path, npz: Path, routings: int, lr: float = 0.001,
                                      lr_decay: float = 0.9, lam_recon: float = 0.392) -> None:
     """A finished run's `log.csv` against values computed here: every row's `learning_rate` is
-    `lr * lr_decay ** epoch` (SPEC 1), and the last row's validation columns are those of the weights
-    the run saved last (`trained_model.weights.h5`) on the `.npz`'s test set, the margin loss from
-    `tests/reference.py` and the MSE in NumPy (float64): the total `margin + lam_recon * MSE`, each
-    term, and the accuracy of the longest capsule."""
+    `lr * lr_decay ** epoch` (the original's schedule), and the last row's validation columns are those
+    of the weights the run saved last (`trained_model.weights.h5`) on the `.npz`'s test set, the margin
+    loss from `tests/reference.py` and the MSE in NumPy (float64): the total `margin + lam_recon * MSE`,
+    each term, and the accuracy of the longest capsule."""
     import keras
     import pandas as pd
     import reference as ref

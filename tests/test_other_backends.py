@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -266,8 +267,6 @@ def test_resume_continues_as_an_uninterrupted_run(tmp_path: Path, backend: str) 
 
 def test_every_backend_here_is_installed_in_ci() -> None:
     """CI installs JAX and PyTorch (`.ci/run`): there, a skip above would hide a broken install."""
-    import os
-
     if not os.environ.get("CI"):
         pytest.skip("only CI promises every backend")
     assert all(backend_available(b) for b in OTHER_BACKENDS)

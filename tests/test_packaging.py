@@ -1,8 +1,9 @@
 """The clone as an installable library: `pip install .` installs the `capsnet` package alone.
 
-The clone's files (without `result/`, whose weights the package does not hold) are copied to a
-temporary folder, where setuptools builds a wheel without fetching anything (`--no-build-isolation`,
-`--no-deps`; the build leaves `build/` and an `.egg-info` beside its sources, so not in the clone). The
+The clone's files (without `result/` and other weights and data, which the package does not hold) are
+copied to a temporary folder, where setuptools builds a wheel without fetching anything
+(`--no-build-isolation`, `--no-deps`; the build leaves `build/` and an `.egg-info` beside its sources,
+so not in the clone). The
 wheel holds `capsnet/` with its HTML template and nothing of the tests, benchmarks, experiments or the
 top-level scripts. Installed with `pip install --target`, it is used by a fresh process started in
 another folder with only that target on `PYTHONPATH` (the dependencies come from this interpreter):
@@ -38,8 +39,11 @@ def pip(*args: str) -> None:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel `pip` builds from a copy of the clone."""
     source = tmp_path_factory.mktemp("clone") / "capsnet-keras"
+    # Without the git history, build leftovers, and the weights and data a clone may hold: the build
+    # reads none of them.
     shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", "result", "build", "*.egg-info", "__pycache__", ".*_cache", ".venv", ".whl"))
+        ".git", "result*", "build", "*.egg-info", "__pycache__", ".*_cache", ".venv", ".whl", "*.npz", "*.h5",
+        "*.keras"))
     out = tmp_path_factory.mktemp("wheel")
     pip("wheel", "-w", str(out), str(source))
     (found,) = out.glob("capsnet_keras-*.whl")
