@@ -5,7 +5,7 @@
 - `.keras`: a whole Keras 3 model, loaded with `safe_mode=True` (a `Lambda` layer is refused: nothing
   in a model file is ever executed), its layers' weights copied by name;
 - `.h5` / `.hdf5`: legacy Keras 2 weights or models, as the original wrote them, matched by topology;
-- a missing `NAME.h5` falls back to `NAME.weights.h5`, so that the original's
+- a missing `NAME.h5` falls back to `NAME.weights.h5`, then to `NAME.keras`, so that the original's
   `-w result/trained_model.h5` keeps working.
 
 Every writer goes through a temporary file and a rename (`atomic.atomic_path`): a crash or a full disk
@@ -74,23 +74,25 @@ def _load_keras_file(model: keras.Model, path: str) -> None:
 
 
 def resolve_weights_path(path: str, announce: bool = False) -> str:
-    """`path`, or for a missing `NAME.h5` an existing `NAME.weights.h5` (the name Keras 3 forces on
-    weight files), so that the original's `-w result/trained_model.h5` keeps working."""
+    """`path`, or for a missing `NAME.h5` the first that exists of `NAME.weights.h5` (the name Keras 3
+    forces on weight files) and `NAME.keras` (the whole model, which holds the same weights), so that
+    the original's `-w result/trained_model.h5` keeps working whichever of the two a folder keeps."""
     if os.path.exists(path) or not path.endswith(".h5") or path.endswith(".weights.h5"):
         return path
-    alternative = path[: -len(".h5")] + ".weights.h5"
-    if not os.path.exists(alternative):
-        return path
-    if announce:
-        print(f"Note: {path} not found, loading {alternative} (Keras 3 names weight files "
-              "*.weights.h5)")
-    return alternative
+    stem = path[: -len(".h5")]
+    for alternative, why in ((stem + ".weights.h5", "Keras 3 names weight files *.weights.h5"),
+                             (stem + ".keras", "the whole model, with the same weights")):
+        if os.path.exists(alternative):
+            if announce:
+                print(f"Note: {path} not found, loading {alternative} ({why})")
+            return alternative
+    return path
 
 
 def load_weights(model: keras.Model, path: str) -> str:
     """Loads `.weights.h5`, `.keras` or legacy Keras-2 `.h5` weights into `model` (the train model).
 
-    A missing `NAME.h5` falls back to `NAME.weights.h5` (see `resolve_weights_path`).
+    A missing `NAME.h5` falls back to `NAME.weights.h5`, then `NAME.keras` (see `resolve_weights_path`).
 
     Returns:
         the path actually loaded.

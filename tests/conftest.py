@@ -2,16 +2,21 @@
 user would (`run_script`, `start_script`); the one synthetic dataset maker (`synthetic_raw`,
 `save_npz`); real Fashion-MNIST (read here with our own IDX reader, independent of `utils.read_idx`);
 and small local datasets in both formats that `--dataset` accepts (an `.npz` in the keras layout and a
-folder of four IDX `.gz` files)."""
+folder of four IDX `.gz` files); running a script on one Keras backend with the other engines hidden
+(`run_on_backend`), and the `Test acc` it printed (`printed_accuracy`)."""
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import io
 import os
+import re
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -104,11 +109,17 @@ def synthetic_raw(n_train: int, n_test: int, n_class: int = 10, seed: int = 0, s
 
 
 def weights_in(path: Path) -> dict[str, np.ndarray]:
-    """Every dataset of a weights file (`.weights.h5` or legacy `.h5`), by its HDF5 path."""
+    """Every dataset of a weights file (`.weights.h5` or legacy `.h5`), by its HDF5 path; for a
+    `.keras` model file (a zip archive), those of the `model.weights.h5` inside it, read with h5py from
+    memory, not through Keras."""
     import h5py
 
+    source: Path | io.BytesIO = path
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            source = io.BytesIO(archive.read("model.weights.h5"))
     arrays: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
+    with h5py.File(source, "r") as f:
         f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
                      if isinstance(obj, h5py.Dataset) else None)
     return arrays
@@ -156,6 +167,47 @@ def describe(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
 
 
+# The engines a run on each Keras backend hides (`tests/without_tensorflow.py`), as on a machine with only
+# that backend's packages: the lent GPU machine has JAX and no TensorFlow; a PyTorch run needs neither.
+HIDDEN = {"tensorflow": (), "jax": ("tensorflow",), "torch": ("tensorflow", "jax")}
+TEST_ACC = re.compile(r"Test acc: (\d\.\d{4})")
+
+
+def backend_available(backend: str) -> bool:
+    """Whether the package of a Keras backend (`tensorflow`, `jax`, `torch`) is installed."""
+    return importlib.util.find_spec(backend) is not None
+
+
+def require_backend(backend: str) -> None:
+    """Skips the calling test where `backend`'s package is not installed."""
+    if not backend_available(backend):
+        pytest.skip(f"{backend} is not installed (pip install -r requirements/{backend}.txt)")
+
+
+def run_on_backend(backend: str, script: str, *args: str, timeout: float = 600, **env: str
+                   ) -> subprocess.CompletedProcess:
+    """`KERAS_BACKEND=BACKEND python SCRIPT ARGS` (see `run_script`) with the engines of `HIDDEN` failing
+    to import; `env` adds variables."""
+    hide = [arg for name in HIDDEN[backend][1:] for arg in ("--also-block", name)]
+    wrapper = ["tests/without_tensorflow.py", *hide] if HIDDEN[backend] else []
+    return run_script(*wrapper, script, *args, env=child_env(KERAS_BACKEND=backend, **env), timeout=timeout)
+
+
+def printed_accuracy(output: str) -> float:
+    """The last `Test acc: X.XXXX` a run printed (`-t`, or testing after training)."""
+    found = TEST_ACC.findall(output)
+    assert found, output[-3000:]
+    return float(found[-1])
+
+
+def child_entry(**entries: Callable[..., None]) -> None:
+    """The command line of a test module run as a child process (`python tests/test_X.py --NAME ARGS`):
+    calls `entries[NAME](*ARGS)`. A test starts it with `run_on_backend` to run code on another Keras
+    backend, which is fixed when Keras is imported."""
+    flag, *args = sys.argv[1:]
+    entries[flag.removeprefix("--")](*args)
+
+
 @pytest.fixture(scope="session")
 def small_raw() -> RawData:
     """300 training and 100 test images (real Fashion-MNIST if installed, else synthetic)."""
@@ -186,10 +238,10 @@ def small_idx_dir(small_raw: RawData, tmp_path_factory: pytest.TempPathFactory) 
 def assert_log_matches_saved_weights(save_dir: Path, npz: Path, routings: int, lr: float = 0.001,
                                      lr_decay: float = 0.9, lam_recon: float = 0.392) -> None:
     """A finished run's `log.csv` against values computed here: every row's `learning_rate` is
-    `lr * lr_decay ** epoch` (SPEC 1), and the last row's validation columns are those of the weights
-    the run saved last (`trained_model.weights.h5`) on the `.npz`'s test set, the margin loss from
-    `tests/reference.py` and the MSE in NumPy (float64): the total `margin + lam_recon * MSE`, each
-    term, and the accuracy of the longest capsule."""
+    `lr * lr_decay ** epoch` (the original's schedule), and the last row's validation columns are those
+    of the weights the run saved last (`trained_model.weights.h5`) on the `.npz`'s test set, the margin
+    loss from `tests/reference.py` and the MSE in NumPy (float64): the total `margin + lam_recon * MSE`,
+    each term, and the accuracy of the longest capsule."""
     import keras
     import pandas as pd
     import reference as ref

@@ -129,3 +129,26 @@ def mask_by_length(capsules: np.ndarray) -> np.ndarray:
     capsules = np.asarray(capsules, dtype=np.float64)
     eye = np.eye(capsules.shape[1])
     return mask_by_label(capsules, eye[np.argmax(length(capsules), axis=1)])
+
+
+def valid_conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int) -> np.ndarray:
+    """A "valid" 2-D convolution (cross-correlation, as Keras' Conv2D) from its definition, float64:
+    `out[b, r, c, o] = bias[o] + sum_{i, j, k} x[b, r*s + i, c*s + j, k] * kernel[i, j, k, o]`.
+
+    Args:
+        x: `[batch, rows, cols, channels]`; kernel: `[kernel_rows, kernel_cols, channels, filters]`;
+        bias: `[filters]`.
+
+    Returns:
+        `[batch, (rows - kernel_rows) // stride + 1, (cols - kernel_cols) // stride + 1, filters]`.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    rows, cols, _, _ = kernel.shape
+    out_rows = (x.shape[1] - rows) // stride + 1
+    out_cols = (x.shape[2] - cols) // stride + 1
+    out = np.zeros((x.shape[0], out_rows, out_cols, kernel.shape[3])) + bias
+    for i in range(rows):
+        for j in range(cols):
+            patch = x[:, i:i + stride * out_rows:stride, j:j + stride * out_cols:stride, :]
+            out += patch @ kernel[i, j]
+    return out

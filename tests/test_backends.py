@@ -18,22 +18,20 @@ same batch, against values computed here in NumPy (`tests/reference.py` and hand
 A step that dropped the reconstruction term from its gradient (while still reporting it in its sums)
 fails the second check on that backend. The random shifts are made in NumPy before any backend sees a
 batch (`batches.train_batches`, tested in test_training.py), and resuming is checked per backend in
-test_jax.py and test_torch.py.
+test_other_backends.py.
 
-Each non-TensorFlow backend runs in a child process (the backend is fixed when Keras is imported) on
-a small CapsNet (20x20 inputs: 128 primary capsules, 3 routings), ~10 s for JAX, ~5 s for PyTorch.
+Each non-TensorFlow backend runs in a child process (the backend is fixed when Keras is imported), with
+the other engines hidden (`conftest.run_on_backend`), on a small CapsNet (20x20 inputs: 128 primary
+capsules, 3 routings), ~10 s for JAX, ~5 s for PyTorch.
 """
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import reference
-from conftest import child_env, describe, run_script
+from conftest import backend_available, child_entry, describe, run_on_backend
 
 import capsulenet
 
@@ -86,10 +84,6 @@ def step_main(weights: str, data: str, out: str) -> None:
     np.savez(out, **found)
 
 
-def backend_available(backend: str) -> bool:
-    return importlib.util.find_spec(backend) is not None
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The initial weights (a fresh small CapsNet, saved) and one batch of images and one-hot labels."""
@@ -117,8 +111,8 @@ def stepped(inputs: dict) -> dict:
         if backend == keras.backend.backend():
             step_main(str(inputs["weights"]), str(inputs["data"]), str(out))
         elif backend_available(backend):
-            run = run_script("tests/test_backends.py", "--step", str(inputs["weights"]), str(inputs["data"]),
-                             str(out), env=child_env(KERAS_BACKEND=backend), timeout=600)
+            run = run_on_backend(backend, "tests/test_backends.py", "--step", str(inputs["weights"]),
+                                 str(inputs["data"]), str(out))
             assert run.returncode == 0, describe(run)
         else:
             continue
@@ -221,10 +215,4 @@ def test_step_updates_every_weight_as_tensorflow(stepped: dict, inputs: dict, ba
 
 
 if __name__ == "__main__":
-    import argparse
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--step", nargs=3, metavar=("WEIGHTS", "DATA", "OUT"), required=True)
-    step_main(*parser.parse_args().step)
+    child_entry(step=step_main)
