@@ -46,7 +46,6 @@ from capsnet import (
     deploy,  # noqa: E402
     errors,  # noqa: E402
     explore,  # noqa: E402
-    image_folder,  # noqa: E402
     losses,  # noqa: E402
     multimnist,  # noqa: E402
     saving,  # noqa: E402
