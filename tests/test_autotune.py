@@ -302,3 +302,43 @@ def test_timing_stops_once_the_choice_is_clear(monkeypatch: pytest.MonkeyPatch) 
     quick = {"im2col": costs("im2col", [0.4, 1.0]), "conv": costs("conv", [4.0, 1.5])}
     assert autotune.interleaved_medians(quick, rounds=3) == {"im2col": 1.0, "conv": 1.5}
     assert calls == {"im2col": 4, "conv": 4}
+
+
+def test_seconds_by_backend_reads_this_machines_decisions_of_every_backend(tmp_path: Path) -> None:
+    """The convolution's best time per backend, for this machine, layer shapes and float32 only."""
+    model = small_model()
+    cache = autotune.DecisionCache(tmp_path / "decisions.json", say=lambda line: None)
+    key = autotune.conv_key(model.get_layer("primary").get_config(), (8, 7, 7, 2), "float32", True)
+    cache.put(key, {"choice": "im2col", "seconds": {"im2col": 0.2, "conv": 0.5}})
+    cache.put({**key, "backend": "jax", "jax": "0.10.2"}, {"choice": "conv", "seconds": {"im2col": 0.9,
+                                                                                         "conv": 0.7}})
+    torch = {"choice": "conv", "seconds": {"conv": 0.1}}
+    cache.put({**key, "backend": "torch", "cpu": "another CPU"}, torch)
+    cache.put({**key, "backend": "torch", "policy": "mixed_bfloat16"}, torch)
+    cache.put({**key, "backend": "torch", "input_shape": [16, 7, 7, 2]}, torch)
+    assert autotune.seconds_by_backend(model, 8, cache) == {key["backend"]: 0.2, "jax": 0.7}
+    assert autotune.seconds_by_backend(model, 16, cache) == {"torch": 0.1}
+
+
+@pytest.mark.parametrize("measured, want", [
+    ({"jax": 0.9, "tensorflow": 0.3}, "900 ms on JAX against 300 ms on TensorFlow"),
+    ({"jax": 0.2, "tensorflow": 0.3}, None),  # JAX measured faster here: nothing to warn about
+    ({"jax": 0.2}, "bench/epoch.py"),  # nothing to compare: how to measure, no number
+])
+def test_jax_on_a_cpu_states_what_this_machine_measured_or_no_number(
+        measured: dict, want: str | None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    import re
+
+    import capsulenet
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    monkeypatch.setattr(autotune, "seconds_by_backend", lambda model, batch: measured)
+    capsulenet.warn_if_slow_backend(None, 100)
+    printed = capsys.readouterr().out
+    if want is None:
+        assert printed == ""
+    else:
+        assert want in printed and printed.count("\n") == 1
+    if "tensorflow" not in measured:
+        assert not re.search(r"\d", printed)
