@@ -9,6 +9,9 @@
   order round after round, so that other work on the machine (or a CPU whose clock drifts) slows every
   alternative alike: the ratios then stand even where the absolute times do not.
 
+The CPU part of the fingerprint does not import Keras: `bench/` scripts name the machine before any
+backend starts.
+
 Usage::
 
     key = machine_key()                      # {"cpu": ..., "cpu_flags": ..., "cores": 2, ...}
@@ -28,9 +31,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
-
-import keras
-import numpy as np
 
 # ---------------------------------------------------------------------------------------------
 # The fingerprint
@@ -77,6 +77,8 @@ def cpu_description() -> dict[str, Any]:
 
 def accelerators() -> list[dict[str, str]]:
     """The GPUs the Keras backend computes on: `[{"name": ..., "compute_capability": "9.0"}]`; [] on CPU."""
+    import keras
+
     backend = keras.backend.backend()
     found = []
     if backend == "tensorflow":
@@ -105,6 +107,9 @@ def accelerators() -> list[dict[str, str]]:
 
 def backend_versions() -> dict[str, str]:
     """The Keras backend and the versions of the libraries that compute."""
+    import keras
+    import numpy as np
+
     backend = keras.backend.backend()
     versions = {"backend": backend, "keras": keras.__version__, "numpy": np.__version__}
     module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend)
@@ -125,10 +130,15 @@ def machine_key() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def layer_step(layer: Any, input_shape: tuple[int, ...], input_grad: bool) -> Callable[[], Any] | None:
+def layer_step(layer: Any, input_shape: tuple[int, ...], input_grad: bool, weight_grads: bool = True
+               ) -> Callable[[], Any] | None:
     """Forward + backward of a built `layer` on random inputs of `input_shape`: the gradients of
-    `sum(layer(x) * upstream)` for its weights and, with `input_grad`, for `x` (as in training, where
-    only the first layer's input needs none). None on a backend without a timer here."""
+    `sum(layer(x) * upstream)` for its weights (unless `weight_grads` is False) and, with
+    `input_grad`, for `x` (as in training, where only the first layer's input needs none); neither:
+    the forward alone. None on a backend without a timer here."""
+    import keras
+    import numpy as np
+
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal(input_shape).astype("float32")
     upstream_np = rng.standard_normal(layer.compute_output_shape(input_shape)).astype("float32")
@@ -137,7 +147,7 @@ def layer_step(layer: Any, input_shape: tuple[int, ...], input_grad: bool) -> Ca
         import tensorflow as tf
 
         x, upstream = tf.constant(x_np), tf.constant(upstream_np)
-        variables = list(layer.trainable_variables)
+        targets = (list(layer.trainable_variables) if weight_grads else []) + ([x] if input_grad else [])
 
         @tf.function
         def step() -> Any:
@@ -146,7 +156,7 @@ def layer_step(layer: Any, input_shape: tuple[int, ...], input_grad: bool) -> Ca
                 # The loss is returned: no gradient needs the forward product, which TensorFlow would
                 # otherwise prune (and time the backward pass alone).
                 loss = tf.reduce_sum(tf.cast(layer(x), "float32") * upstream)
-            grads = tape.gradient(loss, variables + ([x] if input_grad else []))
+            grads = tape.gradient(loss, targets) if targets else []
             return [loss] + [tf.reduce_sum(tf.cast(g, "float32")) for g in grads]
 
         return lambda: [v.numpy() for v in step()]
@@ -162,7 +172,8 @@ def layer_step(layer: Any, input_shape: tuple[int, ...], input_grad: bool) -> Ca
             outputs, _ = layer.stateless_call(trainable, frozen, x)
             return jnp.sum(outputs.astype("float32") * upstream)
 
-        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1) if input_grad else 0))
+        argnums = (0,) * weight_grads + (1,) * input_grad
+        step = jax.jit(jax.value_and_grad(loss, argnums=argnums) if argnums else loss)
         return lambda: jax.block_until_ready(step(trainable, x))
     if backend == "torch":
         import torch
@@ -170,11 +181,13 @@ def layer_step(layer: Any, input_shape: tuple[int, ...], input_grad: bool) -> Ca
         # On Keras' device (a GPU when there is one); eager, as TorchSteps trains.
         x = keras.ops.convert_to_tensor(x_np).requires_grad_(input_grad)
         upstream = keras.ops.convert_to_tensor(upstream_np)
-        variables = [v.value for v in layer.trainable_variables]
+        targets = ([v.value for v in layer.trainable_variables] if weight_grads else []) + (
+            [x] if input_grad else [])
 
         def torch_step() -> Any:
             loss = torch.sum(layer(x).float() * upstream)
-            torch.autograd.grad(loss, variables + ([x] if input_grad else []))
+            if targets:
+                torch.autograd.grad(loss, targets)
             if x.is_cuda:  # kernels run asynchronously: wait for them, or only the launches are timed
                 torch.cuda.synchronize(x.device)
             return loss.item()
