@@ -225,8 +225,8 @@ def check_data(args: argparse.Namespace, data: datasets.Dataset) -> None:
 def mixed_precision_policy() -> str:
     """`mixed_bfloat16` on every device.
 
-    float16 was measured to stall at chance on an H100 (Fashion-MNIST, 5 epochs, loss scaling on;
-    bench/gpu/), while bfloat16 learned as float32 did: bfloat16 keeps float32's exponent range.
+    float16 was measured to stall at chance on a GPU (Fashion-MNIST, 5 epochs, loss scaling on;
+    bench/RESULTS.md), while bfloat16 learned as float32 did: bfloat16 keeps float32's exponent range.
     """
     return "mixed_bfloat16"
 
