@@ -308,6 +308,7 @@ def candidates(batch: int, rounds: int, mixed_precision: bool) -> list[str]:
             layer.build((batch, *common.INPUT_SHAPE))
             fns[f"conv1 {implementation} {short}"] = machine.layer_step(layer, (batch, *common.INPUT_SHAPE),
                                                                         False)
+            work[f"conv1 {implementation} {short}"] = 2 * 2 * batch * 20 * 20 * KERNEL * KERNEL * 256
     keras.mixed_precision.set_global_policy("float32")
     fns["primarycaps GEMM floor float32"] = gemm_floor(batch, np.random.default_rng(0))
     work["primarycaps GEMM floor float32"] = primarycaps_flops(batch)
@@ -317,8 +318,11 @@ def candidates(batch: int, rounds: int, mixed_precision: bool) -> list[str]:
     fns["digitcaps plain"] = tf_gradient_step(functools.partial(plain_digitcaps, digitcaps.W), u,
                                               weights=(digitcaps.W,))
     fns["digitcaps product"] = tf_gradient_step(digitcaps, u, weights=(digitcaps.W,))
+    plain, product = fns["digitcaps plain"](), fns["digitcaps product"]()
+    error = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(plain, product, strict=True))
     medians = machine.interleave(fns, rounds, log=print).medians()
-    lines = [f"Forward + backward, batch {batch}, {rounds} interleaved rounds (medians):", ""]
+    lines = [f"Forward + backward, batch {batch}, {rounds} interleaved rounds (medians); the two DigitCaps "
+             f"formulations' loss and gradient sums agree within {error:.1e} (relative):", ""]
     for group, reference in (("primarycaps", "primarycaps GEMM floor float32"),
                              ("conv1", "conv1 conv float32"), ("digitcaps", "digitcaps plain")):
         rows = [[name, f"{seconds * 1e3:.1f}",
