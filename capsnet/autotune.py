@@ -371,7 +371,7 @@ def bfloat16_support() -> Bfloat16Support:
         gpu, capability = gpus[0]["name"], gpus[0]["compute_capability"]
         try:
             native = float(capability) >= 8.0
-        except ValueError:  # not reported: not refused (bfloat16 is native on every GPU sold since 2020)
+        except ValueError:  # not reported: not refused (current NVIDIA GPUs all compute bfloat16)
             return Bfloat16Support(True, f"{gpu} (compute capability not reported)", True)
         if native:
             return Bfloat16Support(True, f"{gpu} (compute capability {capability})", True)
