@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                 str(args.seed), "--original_child"],
                                                    timeout=7200)
             print(f"original: {results['original']}", flush=True)
-    shown = [a for a, before in zip(argv, ["", *argv], strict=True)
+    shown = [a for a, before in zip(argv, ["", *argv[:-1]], strict=True)
              if a not in ("--write", "--results") and before != "--results"]
     meta = {"machine": common.machine_name(), "train": n_train, "test": n_test,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "versions": versions(args.backends),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -582,3 +583,20 @@ def test_epoch_report_compares_backends_and_the_original() -> None:
     assert "| original formulation, `model.fit` (TensorFlow) | 50 | 2.50x | - | 0.1250 |" in text
     assert "over the original formulation's: **2.50x**" in text
     assert "2000 training images = 20 steps of 100" in text
+
+
+@pytest.mark.slow
+def test_epoch_benchmark_runs_without_tensorflow(small_idx_dir: Path, tmp_path: Path) -> None:
+    """`bench/epoch.py --backends jax`, the command for a GPU machine that has JAX and no TensorFlow,
+    runs the CLI's epoch end to end (here on JAX's CPU, TensorFlow blocked) and rewrites its section
+    where `--results` says, the command shown without that path."""
+    from conftest import child_env, describe, run_script
+
+    results = tmp_path / "RESULTS.md"
+    run = run_script("tests/without_tensorflow.py", "bench/epoch.py", "--dataset", str(small_idx_dir),
+                     "--backends", "jax", "--results", str(results), "--write",
+                     env=child_env(KERAS_BACKEND="jax"), timeout=600)
+    assert run.returncode == 0, describe(run)
+    text = results.read_text()
+    assert re.search(r"^\| CLI on jax \| \d+ \| - \| \d+ \| \d\.\d{4} \|$", text, re.M), text
+    assert "--results" not in text and str(tmp_path) not in text

@@ -207,25 +207,6 @@ def test_jax_resume_continues_as_an_uninterrupted_run(tmp_path: Path) -> None:
     assert found["weight_diff"] < 1e-5
 
 
-@pytest.mark.slow
-def test_gpu_harness_runs_without_tensorflow(small_idx_dir: Path, tmp_path: Path) -> None:
-    """`bench/backend_epoch.py`, the script carried to the lent GPU machine (JAX, no TensorFlow there),
-    runs end to end on JAX's CPU: its speed table, one real epoch on an IDX folder and the eval model's
-    test accuracy, which must equal the epoch's validation accuracy (the same weights and images, one
-    through `fit`'s metric, the other through the eval model's longest capsule)."""
-    report = tmp_path / "report.md"
-    run = run_jax("bench/backend_epoch.py", "--data", str(small_idx_dir), "--epochs", "1",
-                  "--steps", "1", "--out", str(report))
-    assert run.returncode == 0, describe(run)
-    text = report.read_text()
-    assert re.search(r"^### \S+ \(cpu, JAX [\d.]+\), Keras [\d.]+ on jax,", text, re.M), text
-    assert re.search(r"^\| [\d.]+ ms \| \d+ \| [\d.]+ s \| [\d.]+ ms \| [\d.]+ ms \|$", text, re.M), text
-    epoch = re.search(r"^\| 1 \| [\d.]+ \| \d+ \| (\d\.\d{4}) \|$", text, re.M)
-    test = re.search(r"Test accuracy after 1 epochs .*: (\d\.\d{4}) on 100 images", text)
-    assert epoch and test, text
-    assert epoch.group(1) == test.group(1)
-
-
 if __name__ == "__main__":
     import argparse
     import sys
