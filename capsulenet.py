@@ -21,7 +21,6 @@ project reported 99.66% for the same setting (README: "Results").
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import signal
@@ -46,7 +45,6 @@ from capsnet import (
     deploy,  # noqa: E402
     errors,  # noqa: E402
     explore,  # noqa: E402
-    losses,  # noqa: E402
     multimnist,  # noqa: E402
     saving,  # noqa: E402
     training,  # noqa: E402
@@ -86,26 +84,27 @@ RESUME_FLAGS = ("batch_size", "lr", "lr_decay", "lam_recon", "routings", "shift_
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser(description: str = "Capsule Network on MNIST.", batch_size: int = 100
-                 ) -> argparse.ArgumentParser:
+def build_parser(description: str = "Capsule Network on MNIST.",
+                 batch_size: int = training.DEFAULTS.batch_size) -> argparse.ArgumentParser:
     """The original's flags and defaults, plus `--dataset`, `--seed` and `--mixed_precision`."""
+    defaults = training.DEFAULTS  # the one place the training defaults are written
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--epochs", default=50, type=int, help="Number of training epochs")
+    parser.add_argument("--epochs", default=defaults.epochs, type=int, help="Number of training epochs")
     parser.add_argument("--batch_size", default=batch_size, type=int, help="Images per training step")
-    parser.add_argument("--lr", default=0.001, type=float, help="Initial learning rate")
-    parser.add_argument("--lr_decay", default=0.9, type=float,
+    parser.add_argument("--lr", default=defaults.lr, type=float, help="Initial learning rate")
+    parser.add_argument("--lr_decay", default=defaults.lr_decay, type=float,
                         help="The value multiplied by lr at each epoch. Set a larger value for "
                              "larger epochs")
-    parser.add_argument("--lam_recon", default=0.392, type=float,
+    parser.add_argument("--lam_recon", default=defaults.lam_recon, type=float,
                         help="The coefficient for the loss of decoder")
-    parser.add_argument("-r", "--routings", default=3, type=int,
+    parser.add_argument("-r", "--routings", default=defaults.routings, type=int,
                         help="Number of iterations used in routing algorithm. should > 0")
-    parser.add_argument("--shift_fraction", default=0.1, type=float,
+    parser.add_argument("--shift_fraction", default=defaults.shift_fraction, type=float,
                         help="Fraction of pixels to shift at most in each direction.")
     parser.add_argument("--debug", action="store_true",
                         help="Save weights by TensorBoard (save_dir/tensorboard-logs)")
-    parser.add_argument("--save_dir", default="./result", help="Where logs, weights and images go")
+    parser.add_argument("--save_dir", default=defaults.save_dir, help="Where logs, weights and images go")
     parser.add_argument("-t", "--testing", action="store_true",
                         help="Test the trained model on testing dataset")
     parser.add_argument("--digit", default=5, type=int, help="Digit to manipulate")
@@ -225,8 +224,8 @@ def check_data(args: argparse.Namespace, data: datasets.Dataset) -> None:
 def mixed_precision_policy() -> str:
     """`mixed_bfloat16` on every device.
 
-    float16 was measured to stall at chance on an H100 (Fashion-MNIST, 5 epochs, loss scaling on;
-    bench/gpu/), while bfloat16 learned as float32 did: bfloat16 keeps float32's exponent range.
+    float16 was measured to stall at chance on a GPU (Fashion-MNIST, 5 epochs, loss scaling on;
+    bench/RESULTS.md), while bfloat16 learned as float32 did: bfloat16 keeps float32's exponent range.
     """
     return "mixed_bfloat16"
 
@@ -242,7 +241,8 @@ def setup(args: argparse.Namespace) -> tuple[datasets.Dataset, list[str]]:
         keras.mixed_precision.set_global_policy(policy)
     image_size = tuple(args.image_size) if args.image_size else None
     try:
-        data, class_names = datasets.load_labelled_dataset(args.dataset, image_size=image_size, seed=args.seed)
+        data, class_names = datasets.load_labelled_dataset(args.dataset, image_size=image_size,
+                                                           seed=args.seed)
     except DataError as e:
         raise UserError(str(e)) from e
     check_data(args, data)
@@ -252,7 +252,7 @@ def setup(args: argparse.Namespace) -> tuple[datasets.Dataset, list[str]]:
 def train_config(args: argparse.Namespace) -> training.TrainConfig:
     """What the training loop reads, from the flags of the same names."""
     return training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                lr_decay=args.lr_decay, lam_recon=args.lam_recon,
+                                lr_decay=args.lr_decay, lam_recon=args.lam_recon, routings=args.routings,
                                 shift_fraction=args.shift_fraction, seed=args.seed,
                                 save_dir=args.save_dir, debug=args.debug)
 
@@ -297,8 +297,8 @@ def run(args: argparse.Namespace, strategy: Any = None, is_chief: bool = True, b
                   on_model=on_model)
 
 
-def run_train(args: argparse.Namespace, data: datasets.Dataset, class_names: Sequence[str], strategy: Any = None,
-              is_chief: bool = True, backup_dir: str | None = None,
+def run_train(args: argparse.Namespace, data: datasets.Dataset, class_names: Sequence[str],
+              strategy: Any = None, is_chief: bool = True, backup_dir: str | None = None,
               on_model: Callable[[keras.Model], None] | None = None) -> None:
     """Trains a CapsNet on `data` (`--multimnist`: on pairs of its digits), resuming a backed-up run.
 
@@ -307,28 +307,23 @@ def run_train(args: argparse.Namespace, data: datasets.Dataset, class_names: Seq
     """
     config = train_config(args)
     (x_train, y_train), _ = data
-    # The optimizer too is made under the strategy: its variables are mirrored like the weights.
-    with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        optimizer = training.make_optimizer(config.lr, config.lr_decay,
-                                            training.steps_per_epoch(len(x_train), config.batch_size))
-        model, eval_model, _ = CapsNet(input_shape(args, x_train), y_train.shape[1], args.routings)
-        compile_like_original(model, optimizer, config.lam_recon)
-        train_model = two_digit_train_model(model) if args.multimnist else model
-    _show_and_load(args, model, is_chief, on_model)
+    built = training.build(input_shape(args, x_train), y_train.shape[1], config,
+                           training.steps_per_epoch(len(x_train), config.batch_size), strategy=strategy,
+                           two_digits=args.multimnist)
+    _show_and_load(args, built.model, is_chief, on_model)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
-    autotune.tune_model(model, max(1, config.batch_size // replicas), explicit=args.conv_implementation)
-    warn_if_slow_backend()
+    per_device = max(1, config.batch_size // replicas)
+    autotune.tune_model(built.model, per_device, explicit=args.conv_implementation)
+    warn_if_slow_backend(built.model, per_device)
     flags = {k: getattr(args, k) for k in RESUME_FLAGS}
     if args.multimnist:  # only then: backups of single-digit runs made before this flag still resume
         flags.update(multimnist=True, multimnist_test_pairs=args.multimnist_test_pairs)
     backup = Backup(backup_dir or Path(args.save_dir) / BACKUP_DIR, flags=flags)
-    objective, batcher = ((losses.TWO_DIGITS, multimnist.PairBatcher(config.batch_size,
-                                                                     args.multimnist_test_pairs))
-                          if args.multimnist else (losses.ONE_DIGIT, None))
-    training.train(train_model, eval_model, optimizer, data, config, backup, strategy=strategy,
-                   is_chief=is_chief, objective=objective, batcher=batcher)
+    batcher = (multimnist.PairBatcher(config.batch_size, args.multimnist_test_pairs) if args.multimnist
+               else None)
+    training.train(built, data, config, backup, is_chief=is_chief, batcher=batcher)
     if is_chief:
-        saving.save_model(eval_model, Path(args.save_dir) / "trained_model.keras")
+        saving.save_model(built.eval_model, Path(args.save_dir) / "trained_model.keras")
         datasets.save_class_names(Path(args.save_dir) / datasets.DEFAULT_CLASS_NAMES_FILE,
                                       class_names)
         print(f"Full model (x -> [lengths, reconstruction]) saved to "
@@ -336,8 +331,8 @@ def run_train(args: argparse.Namespace, data: datasets.Dataset, class_names: Seq
               f"'{args.save_dir}/{datasets.DEFAULT_CLASS_NAMES_FILE}'")
 
 
-def run_test(args: argparse.Namespace, data: datasets.Dataset, class_names: Sequence[str], is_chief: bool = True,
-             on_model: Callable[[keras.Model], None] | None = None) -> None:
+def run_test(args: argparse.Namespace, data: datasets.Dataset, class_names: Sequence[str],
+             is_chief: bool = True, on_model: Callable[[keras.Model], None] | None = None) -> None:
     """`-t`: the model of `-w` (random weights without it) on the test set of `data` (`--multimnist`:
     on its test pairs): the manipulation plot of `--digit`, then the test accuracy and picture; with
     `--explore` also the capsule explorer page."""
@@ -415,17 +410,27 @@ def _show_and_load(args: argparse.Namespace, model: keras.Model, is_chief: bool,
         print(f"Loaded weights from {saving.load_weights(model, args.weights)}")
 
 
-def warn_if_slow_backend() -> None:
-    """One line when training would be far slower than it needs to be: JAX on a CPU."""
+def warn_if_slow_backend(model: keras.Model, batch_size: int) -> None:
+    """One line when JAX trains on a CPU, where another backend may be faster. Which one is depends on
+    the CPU, so the line states what this machine measured (the model's convolutions, forward +
+    backward, from the autotune cache) and stays silent where JAX measured no slower; without such a
+    measurement it says how to measure, with no number."""
     if keras.backend.backend() != "jax":
         return
     import jax
 
-    if jax.default_backend() == "cpu":
-        print("Warning: JAX is running on the CPU, where it trains slower than TensorFlow (measured: an "
-              "epoch of 2,000 MNIST images took 38 s on JAX, 21 s on TensorFlow, 2 cores); TensorFlow, "
-              "the default backend, is the CPU backend (unset KERAS_BACKEND). JAX is this project's GPU "
-              "backend.")
+    if jax.default_backend() != "cpu":
+        return
+    measured = autotune.seconds_by_backend(model, batch_size)
+    if "jax" in measured and "tensorflow" in measured:
+        if measured["jax"] > measured["tensorflow"]:
+            print(f"Warning: JAX is running on the CPU, where this machine measured the model's "
+                  f"convolutions (forward + backward, batch {batch_size}) at {measured['jax'] * 1e3:.0f} ms "
+                  f"on JAX against {measured['tensorflow'] * 1e3:.0f} ms on TensorFlow (autotune cache): "
+                  "TensorFlow, the default backend, may train faster here (unset KERAS_BACKEND).")
+        return
+    print("Note: JAX is running on the CPU. Which backend trains fastest on a CPU depends on the CPU: "
+          "`python bench/epoch.py --dataset DATA --backends tensorflow jax torch` measures them here.")
 
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None,

@@ -1,19 +1,20 @@
-"""What every benchmark script shares: the repository on the import path, the benchmark's data, the
-machine's description, timing and memory probes, and child processes.
+"""What every benchmark script shares: the repository on the import path, the workload and its data,
+the product's models built as the command line builds them, statistics, memory probes, child
+processes, and the one writer of `bench/RESULTS.md`.
 
 The scripts of `bench/` run as `python bench/SCRIPT.py`, so Python puts `bench/` on the import path
-and they import each other by bare name (`import common`); the product's modules live one folder up.
-Nothing here runs at import: a script calls `use_repo()` before importing the product.
+and they import each other by bare name (`import common`); the product's package lives one folder up.
+Importing this module puts it on the path (`use_repo`) and imports Keras (through the training
+defaults); nothing here builds a model or picks a device.
 
 Usage::
 
     import common
 
-    common.use_repo()                                # now `import capsulenet` works
-    x, y = common.synthetic_data(100, seed=0)        # [100, 28, 28, 1], [100, 10]
-    seconds = common.timed(lambda: model.predict(x))
-    stats = common.summarize([0.5, 0.6, 0.55])       # {'median', 'q1', 'q3', 'n'}
-    result = common.run_child("bench.py", ["--probe", "memory"])   # its last JSON line
+    x, y = common.synthetic_data(100, seed=0)              # [100, 28, 28, 1], [100, 10]
+    built = common.build_product()                         # training.build with the CLI's defaults
+    stats = common.summarize([0.5, 0.6, 0.55])             # {'median', 'q1', 'q3', 'n'}
+    common.write_section(common.RESULTS_PATH, "layers", common.machine_slug(), text, intro)
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +38,27 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_PATH = BENCH_DIR / "RESULTS.md"
 
-# The benchmark's workload: MNIST-shaped data, the product's default model and batch.
-INPUT_SHAPE = (28, 28, 1)
-N_CLASS = 10
-ROUTINGS = 3
-BATCH = 100
-EPOCH_IMAGES = 60_000  # MNIST training set: 600 steps per epoch
-VALID_IMAGES = 10_000  # MNIST test set, the validation data
-DIGIT = 5  # the class of the manipulation grid (the CLI's default --digit)
-
 
 def use_repo() -> Path:
-    """Puts the repository root first on `sys.path` (once), so that the product's modules
-    (`capsulenet`, `training`, ...) import by bare name as in the product itself; returns the root."""
+    """Puts the repository root first on `sys.path` (once), so that `capsnet` and `capsulenet` import
+    from this clone; returns the root."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     return REPO_ROOT
+
+
+use_repo()
+from capsnet import machine  # noqa: E402  (no Keras at import)
+from capsnet.training import DEFAULTS  # noqa: E402, F401  (the workload's flags: lr, lam_recon, ...)
+
+# The workload: MNIST-shaped data, the command line's default model and batch.
+INPUT_SHAPE = (28, 28, 1)
+N_CLASS = 10
+ROUTINGS = DEFAULTS.routings
+BATCH = DEFAULTS.batch_size
+EPOCH_IMAGES = 60_000  # MNIST training set: 600 steps per epoch
+VALID_IMAGES = 10_000  # MNIST test set, the validation data
+DIGIT = 5  # the class of the manipulation grid (the CLI's default --digit)
 
 
 def synthetic_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,55 +72,74 @@ def synthetic_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The machine
+# The models, as the command line builds them
 # ---------------------------------------------------------------------------------------------
 
 
-def cpu_info() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (`model name`, `flags`, ...); empty elsewhere."""
-    fields: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break  # the end of the first processor
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-    return fields
+@contextlib.contextmanager
+def precision_policy(name: str | None) -> Iterator[None]:
+    """Sets Keras' global dtype policy for the models built inside, then restores float32."""
+    import keras
+
+    if name is None:
+        yield
+        return
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or `platform.processor()` elsewhere)."""
-    return cpu_info().get("model name") or platform.processor() or platform.machine()
+def build_product(batch: int = BATCH, policy: str | None = None, jit_compile: bool = False,
+                  implementation: str | None = None, strategy: Any = None, tune: bool = True) -> Any:
+    """`training.build` with the command line's defaults at `batch`, under dtype `policy`; the
+    PrimaryCaps convolution chosen as `capsulenet.py` chooses it (`autotune.tune_model`, from the
+    cache or timed, its line printed), or `implementation` ("im2col", "conv") when given.
+
+    Returns:
+        `training.Built` (models, optimizer, steps; the optimizer's variables built).
+    """
+    import dataclasses
+
+    from capsnet import autotune, training
+
+    config = dataclasses.replace(DEFAULTS, batch_size=batch, seed=0)
+    with precision_policy(policy):
+        built = training.build(INPUT_SHAPE, N_CLASS, config, EPOCH_IMAGES // BATCH, strategy=strategy,
+                               jit_compile=jit_compile)
+    if implementation is not None:
+        autotune.tune_model(built.model, batch, explicit=implementation)
+    elif tune:
+        replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+        autotune.tune_model(built.model, max(1, batch // replicas))
+    built.steps.build_optimizer()
+    return built
 
 
-def cpu_cores() -> int:
-    """Cores this process may run on."""
-    with contextlib.suppress(AttributeError):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def build_original(batch: int = BATCH, source: Any = None) -> Any:
+    """The original formulation (bench/original_formulation.py) through the same `training.build`,
+    without XLA (TensorFlow 1.x had none); `source`'s weights copied in when given."""
+    import dataclasses
 
+    import original_formulation as original
 
-def machine_key(text: str) -> str:
-    """A RESULTS.md section key from a machine's description: `'CPU Xeon (2 cores)'` ->
-    `'cpu-xeon-2-cores'`."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    from capsnet import training
+
+    config = dataclasses.replace(DEFAULTS, batch_size=batch, seed=0)
+    built = training.build(INPUT_SHAPE, N_CLASS, config, EPOCH_IMAGES // BATCH,
+                           architecture=original.OriginalCapsNet)
+    if source is not None:
+        original.copy_weights(source, built.model)
+    for model in (built.model, built.eval_model, built.manipulate_model):
+        model.jit_compile = False  # "auto" would pick XLA on a GPU
+    built.steps.build_optimizer()
+    return built
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing
+# Statistics
 # ---------------------------------------------------------------------------------------------
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    """Wall seconds of one call of `fn`; `fn` must wait for its device itself (read a result back)."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def timed_calls(fn: Callable[[], Any], repeats: int) -> list[float]:
-    """Wall seconds of each of `repeats` calls of `fn`."""
-    return [timed(fn) for _ in range(repeats)]
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
@@ -126,23 +150,37 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     return {"median": median, "q1": q1, "q3": q3, "n": len(values)}
 
 
-def interleave(names: Sequence[str], rounds: int, measure: Callable[[str, int], list[float]],
-               log: Callable[[str], None]) -> dict[str, list[float]]:
-    """Runs `measure(name, round)` for every name, round after round, rotating the order, so that a
-    machine that slows down or speeds up during the run affects every name alike.
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall seconds of one call of `fn`; `fn` must wait for its device itself (read a result back)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
-    Returns:
-        every name's samples of all rounds, pooled.
-    """
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        order = list(names[r % len(names):]) + list(names[: r % len(names)])
-        for name in order:
-            values = measure(name, r)
-            samples[name].extend(values)
-            log(f"  round {r + 1}/{rounds} {name}: median {statistics.median(values):.3f} s of "
-                f"{len(values)}")
-    return samples
+
+def interleave(fns: dict[str, Callable[[], Any]], rounds: int, log: Callable[[str], None] | None = print,
+               self_timed: bool = False, warmup: int = 0) -> dict[str, list[float]]:
+    """`machine.interleave`'s samples (the scripts warm up themselves unless `warmup`)."""
+    return machine.interleave(fns, rounds, warmup=warmup, self_timed=self_timed, log=log).samples
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine
+# ---------------------------------------------------------------------------------------------
+
+
+def machine_name() -> str:
+    """`'<CPU model> (<n> cores)'`."""
+    return f"{machine.cpu_model()} ({machine.cpu_cores()} cores)"
+
+
+def slug(text: str) -> str:
+    """A RESULTS.md section key: `'CPU Xeon (2 cores)'` -> `'cpu-xeon-2-cores'`."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def machine_slug() -> str:
+    """This machine's section key."""
+    return slug(machine_name())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,3 +269,44 @@ def last_line(text: str) -> str:
     """The last non-empty line of `text` (at most 200 characters), e.g. a child's error."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:200] if lines else "no output"
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/RESULTS.md
+# ---------------------------------------------------------------------------------------------
+
+
+def write_section(path: Path, owner: str, key: str, section: str, intro: str) -> None:
+    """Puts `section` as machine `key`'s part of script `owner`'s block in `path`, atomically.
+
+    Each script owns the block between `<!-- OWNER:start -->` and `<!-- OWNER:end -->`; inside it, one
+    section per machine sits between `<!-- OWNER:device KEY -->` and `<!-- OWNER:device-end KEY -->`.
+    A rerun on a machine replaces that machine's section in place; everything outside the block and
+    the other machines' sections are kept. The file, the block (opened by `intro`) and the section
+    are created when missing.
+    """
+    from capsnet import atomic
+
+    start, stop = f"<!-- {owner}:start -->", f"<!-- {owner}:end -->"
+    begin, end = f"<!-- {owner}:device {key} -->", f"<!-- {owner}:device-end {key} -->"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{begin}\n{section}{end}\n\n"
+    if start in text and stop in text.split(start, 1)[1]:
+        head, rest = text.split(start, 1)
+        inner, tail = rest.split(stop, 1)
+    else:
+        head, inner, tail = text.rstrip("\n") + "\n\n", "", "\n"
+    if begin in inner and end in inner.split(begin, 1)[1]:
+        before, after = inner.split(begin, 1)
+        inner = before + block + after.split(end, 1)[1].lstrip("\n")
+    else:
+        inner = (inner if inner.strip() else intro) + block
+    inner = inner if inner.endswith("\n") else inner + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text_atomic(path, head + start + inner + stop + tail)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A Markdown table's lines."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

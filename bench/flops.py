@@ -1,13 +1,15 @@
 """How much arithmetic CapsNet does, and how fast this machine can do arithmetic at all: the floor.
 
 - `analytic_flops`: FLOPs per image of CapsNet's forward pass and training step, from the architecture
-  (SPEC section 6: 1,202.6 MFLOP per training image, 120.3 GFLOP per batch-100 step on MNIST).
+  (1,202.3 MFLOP per MNIST training image: 120.2 GFLOP per batch-100 step).
 - `graph_flops`: the same counted on a traced TensorFlow function (the product's training step), as an
   independent check of the formulas.
 - `measure_floor`: the best fp32 matrix product this machine reaches (NumPy's and TensorFlow's, several
   sizes and repeats). Every timed product is checked against a float64 NumPy product, so a timing that
   skipped work, or ran in reduced precision, cannot become the floor; and every rate is compared with
   the CPU's theoretical peak (`cpu_peak`): a rate above it is a timing artefact and is refused.
+- `memory_bandwidth`: the best rate at which NumPy copies a large array, the floor of the parts of a
+  step that only move data (Adam's update, the losses, the batches).
 
 A training step's floor is then `analytic_flops()['train_total'] * batch / floor_gflops`.
 
@@ -33,6 +35,8 @@ from typing import Any
 import common
 import numpy as np
 
+from capsnet import machine
+
 # ---------------------------------------------------------------------------------------------
 # CapsNet's FLOPs
 # ---------------------------------------------------------------------------------------------
@@ -53,15 +57,15 @@ def analytic_flops(input_shape: Sequence[int] = common.INPUT_SHAPE, n_class: int
     Training = forward + gradient w.r.t. the inputs + gradient w.r.t. the weights, each as costly
     as the forward, except: conv1 needs no input gradient (the image), and the first routing
     iteration's coupling coefficients are the constant softmax(0) = 1/n_class, so no gradient is
-    computed for them. `spec_train_total` is the SPEC's convention, which keeps that last term
-    (1202.6 MFLOP per image, 120.3 GFLOP per batch-100 step for MNIST).
+    computed for them. `train_total_all_couplings` keeps that last term (1202.6 MFLOP per MNIST
+    image), as a count that ignores the constant would.
 
     Args:
         input_shape: `[rows, cols, channels]` (square images).
 
     Returns:
         `{'forward': {part: flops}, 'train': {part: flops}, 'forward_total', 'train_total',
-        'spec_train_total'}` per image.
+        'train_total_all_couplings'}` per image.
     """
     rows, _, channels = (int(d) for d in input_shape)
     conv1, hw1 = conv_macs(rows, 9, 1, channels, 256)
@@ -80,14 +84,14 @@ def analytic_flops(input_shape: Sequence[int] = common.INPUT_SHAPE, n_class: int
     }
     train = {part: 3 * flops for part, flops in forward.items()}
     train["conv1"] -= forward["conv1"]  # no gradient w.r.t. the input image
-    spec_train_total = sum(train.values())
+    train_total_all_couplings = sum(train.values())
     train["routing"] -= 2 * weighted_sum  # d/dc of the first iteration: c is a constant
     return {
         "forward": forward,
         "train": train,
         "forward_total": sum(forward.values()),
         "train_total": sum(train.values()),
-        "spec_train_total": spec_train_total,
+        "train_total_all_couplings": train_total_all_couplings,
     }
 
 
@@ -222,7 +226,7 @@ def cpu_clock_ghz() -> tuple[float, str]:
             return int(f.read()) / 1e6, "cpufreq max"
     except (OSError, ValueError):
         pass
-    info = common.cpu_info()
+    info = machine.cpu_fields()
     match = re.search(r"@\s*([\d.]+)\s*GHz", info.get("model name", ""))
     if match:
         return float(match.group(1)), f"model name (nominal; {BOOST_CAVEAT})"
@@ -240,7 +244,7 @@ def clock_is_a_maximum(how: str) -> bool:
 def cpu_peak(cores: int | None = None, override_gflops: float | None = None) -> dict[str, Any]:
     """The theoretical fp32 peak of the cores this process may use: cores x FLOPs/cycle x clock.
 
-    SPEC section 6's example: 2 Zen 4 cores x 32 FLOP/cycle x 3.7 GHz = 237 GFLOP/s.
+    For example, 2 AMD Zen 4 cores x 32 FLOP/cycle x 3.7 GHz = 237 GFLOP/s.
 
     Args:
         cores: default: the cores this process may run on.
@@ -253,11 +257,11 @@ def cpu_peak(cores: int | None = None, override_gflops: float | None = None) -> 
         current clock allows ran under boost, and refusing it would make the floor slower than the
         machine (and every ratio to it look better than it is).
     """
-    cores = cores or common.cpu_cores()
+    cores = cores or machine.cpu_cores()
     if override_gflops:
         return {"gflops": float(override_gflops), "bound_gflops": float(override_gflops), "cores": cores,
                 "flops_per_cycle": None, "ghz": None, "how": "given with --peak_gflops"}
-    info = common.cpu_info()
+    info = machine.cpu_fields()
     family = int(info.get("cpu family", "0") or 0)
     per_cycle, why = flops_per_cycle(set(info.get("flags", "").split()), info.get("vendor_id", ""),
                                      family)
@@ -416,3 +420,21 @@ def merge_floors(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any
     merged = {**first, "candidates": first["candidates"] + second["candidates"]}
     choose_floor(merged)
     return merged
+
+
+def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second NumPy moves copying a `megabytes` float32 array into another (one read and
+    one write per element), the best of `repeats` copies after one untimed; checked element for
+    element, so that a copy that skipped work cannot become the floor."""
+    source = np.random.default_rng(0).random(megabytes * 2**20 // 4, dtype=np.float32)
+    target = np.empty_like(source)
+    best = math.inf
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        seconds = time.perf_counter() - start
+        if i > 0:
+            best = min(best, seconds)
+    if not np.array_equal(target, source):
+        raise RuntimeError("the copy timed as the memory floor is not a copy")
+    return 2 * source.nbytes / best

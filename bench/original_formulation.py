@@ -1,8 +1,8 @@
 """The original CapsNet-Keras formulation, re-implemented in Keras 3 for benchmarking only.
 
-This is the baseline of `bench/bench.py`: the computation the original project ran (Keras 2.0.7 master
-and its `tf2.2` branch), written again with today's APIs so that it runs next to this port on the same
-machine. It is not part of the product and is never imported by it.
+This is the baseline of `bench/step.py` and `bench/epoch.py`: the computation the original project
+ran (Keras 2.0.7 master and its `tf2.2` branch), written again with today's APIs so that it runs next
+to this port on the same machine. It is not part of the product and is never imported by it.
 
 What is kept from the original, because it is what the benchmark measures:
 
@@ -24,10 +24,10 @@ What is kept from the original, because it is what the benchmark measures:
 What is deliberately not kept, so that both formulations compute the same numbers from the same
 weights (tests/test_bench_reference.py checks it):
 
-- the length `sqrt(sum(v^2) + 1e-7)` (the original's later epsilon keeps a fresh model at chance,
-  SPEC section 3): the product's `LENGTH_EPSILON` is used instead;
-- the `tf2.2` branch's batch size fixed in the graph and axis-less `tf.squeeze` (SPEC section 5.3):
-  the batch size here is dynamic, so partial batches work.
+- the length `sqrt(sum(v^2) + 1e-7)` (with the original's later epsilon a fresh model stays at
+  chance): the product's `LENGTH_EPSILON` is used instead;
+- the `tf2.2` branch's batch size fixed in the graph and axis-less `tf.squeeze`: the batch size here
+  is dynamic, so partial batches work.
 """
 
 from __future__ import annotations

@@ -13,11 +13,8 @@ what both scripts train with. Configurations:
   out of the one (a shared chip: again overhead, not speedup).
 
 Usage:
-    python bench/replicas.py                   # writes its block in bench/RESULTS.md
+    python bench/replicas.py --write           # rewrites this machine's section of bench/RESULTS.md
     python bench/replicas.py --steps 20 --gpu_batch 300 --no_cpu
-
-Only the block between `<!-- replicas:start -->` and `<!-- replicas:end -->` of RESULTS.md is
-written (one section per machine, replaced on a rerun there); everything else is kept.
 """
 
 from __future__ import annotations
@@ -32,7 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import common
-import report
+
+INTRO = ("\n## Data-parallel replicas (`python bench/replicas.py`)\n\n"
+         "Training throughput of `backends.TensorFlowSteps.train` (the step both command lines run) with 1 "
+         "and 2 replicas at the same global batch, one section per machine, rewritten in place by "
+         "`--write`. Median over the measured steps, after warm-up steps that include tracing.\n\n")
 
 # ---------------------------------------------------------------------------------------------
 # Child: one configuration
@@ -72,24 +73,14 @@ def configure(kind: str, replicas: int) -> tuple[Any, list[str]]:
 def measure(config: dict[str, Any]) -> dict[str, Any]:
     """Times `config['steps']` training steps after `config['warmup']` ones (tracing included)."""
     strategy, devices = configure(config["kind"], config["replicas"])
-    common.use_repo()
-    import capsulenet
-    from capsnet import backends, batches, training
+    from capsnet import batches
 
     batch, warmup, steps = config["batch"], config["warmup"], config["steps"]
     x, y = common.synthetic_data(batch * (warmup + steps), seed=0)
-    train = training.TrainConfig(batch_size=batch, seed=0)
-    # As capsulenet.run: model, optimizer and compile inside the strategy's scope (an optimizer made
-    # outside it keeps the default strategy and refuses to apply under MirroredStrategy).
-    with strategy.scope():
-        model, _, _ = capsulenet.CapsNet(common.INPUT_SHAPE, common.N_CLASS, common.ROUTINGS)
-        optimizer = training.make_optimizer(train.lr, train.lr_decay, warmup + steps)
-        capsulenet.compile_like_original(model, optimizer, train.lam_recon)
-    step = backends.TensorFlowSteps(model, optimizer, train.lam_recon, batch, strategy)
-    step.build_optimizer()
-    batches = batches.train_batches(x, y, batch, train.shift_fraction, seed=0, epoch=0)
+    step = common.build_product(batch, strategy=strategy).steps  # as capsulenet.run_train builds it
     times = []
-    for i, (xb, yb) in enumerate(batches):
+    for i, (xb, yb) in enumerate(batches.train_batches(x, y, batch, common.DEFAULTS.shift_fraction,
+                                                        seed=0, epoch=0)):
         start = time.perf_counter()
         step.train(xb, yb)  # NumPy values back: the step has finished
         if i >= warmup:
@@ -101,7 +92,53 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parent: the configurations, the report
+# The report
+# ---------------------------------------------------------------------------------------------
+
+
+DEVICE_LABELS = {"cpu": ("1 CPU device", "{r} logical CPU devices"), "gpu": ("1 GPU", "{r} GPUs"),
+                 "gpu-logical": ("1 GPU", "{r} logical GPUs on one GPU")}
+STRATEGY_NAMES = {"_DefaultDistributionStrategy": "default (one device)"}
+
+
+def replicas_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of `replicas.py`'s configurations; speed-ups against the 1-replica row of the
+    same device kind. Each row: `kind`, `replicas`, `batch`, and `ms_per_step`, `samples_per_s`,
+    `strategy` or `error`."""
+    lines = ["| replicas | devices | strategy | global batch | ms/step | samples/s | vs 1 replica |",
+             "|---:|---|---|---:|---:|---:|---:|"]
+    base = {}
+    for row in rows:
+        kind = row["kind"].split("-")[0]
+        label = DEVICE_LABELS[row["kind"]][row["replicas"] > 1].format(r=row["replicas"])
+        if "error" in row:
+            lines.append(f"| {row['replicas']} | {label} | - | {row['batch']} | failed: "
+                         f"{row['error'].replace('|', '/')} | | |")
+            continue
+        if row["replicas"] == 1:
+            base[kind] = row["samples_per_s"]
+        ratio = f"{row['samples_per_s'] / base[kind]:.2f}x" if kind in base else "-"
+        strategy = STRATEGY_NAMES.get(row["strategy"], row["strategy"])
+        lines.append(f"| {row['replicas']} | {label} | {strategy} | {row['batch']} | "
+                     f"{row['ms_per_step']:.0f} | {row['samples_per_s']:.1f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_replicas(rows: list[dict[str, Any]], machine: str, cores: int, gpu: str | None,
+                    versions: str, today: str) -> str:
+    """`replicas.py`'s section for one machine: notes, then `replicas_table(rows)`."""
+    notes = [f"- Machine: {machine}. {versions}, {today}.",
+             f"- The logical CPU devices are slices of the same {cores} cores: two of them share "
+             "those cores, so the 2-replica CPU row measures the cost of the data-parallel path "
+             "(split batch, all-reduce, per-replica kernels on fewer threads each), not a speed-up."]
+    if gpu:
+        notes.append("- Logical GPUs (when only one GPU is present) share one chip likewise; real "
+                     "speed-ups need as many physical GPUs as replicas.")
+    return f"### {machine}, {today}\n\n" + "\n".join(notes) + "\n\n" + replicas_table(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: the configurations
 # ---------------------------------------------------------------------------------------------
 
 GPU_QUERY = ("import json, keras, tensorflow as tf; g = tf.config.list_physical_devices('GPU'); "
@@ -152,13 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_cpu", action="store_true", help="skip the CPU configurations")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     parser.add_argument("--results", type=Path, default=common.RESULTS_PATH)
+    parser.add_argument("--write", action="store_true", help="rewrite this machine's section of --results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(measure(json.loads(args.child))))
         return 0
     tf_info = query_tensorflow()
-    cpu = f"{common.cpu_model()} ({common.cpu_cores()} cores)"
+    cpu = common.machine_name()
     gpu = tf_info["name"]
     machine = f"{gpu} x{tf_info['count']} + {cpu}" if gpu else cpu
     rows = []
@@ -166,13 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         row = run_config(config, args.timeout)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    text = report.render_replicas(rows, machine, common.cpu_cores(), gpu, tf_info["versions"],
-                                  datetime.date.today().isoformat())
+    text = render_replicas(rows, machine, common.machine.cpu_cores(), gpu, tf_info["versions"],
+                           datetime.date.today().isoformat())
     print(text)
-    common.use_repo()  # report.write_section writes through the product's atomic writer
-    report.write_section(args.results, "replicas", common.machine_key(machine), text,
-                         report.REPLICAS_INTRO)
-    print(f"Written to {args.results}")
+    if args.write:
+        common.write_section(args.results, "replicas", common.slug(machine), text, INTRO)
+        print(f"Written to {args.results}")
     return 0 if all("error" not in row for row in rows) else 1
 
 

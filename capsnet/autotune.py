@@ -1,72 +1,64 @@
 """Measured choices: which convolution runs, and whether `--mixed_precision` may use bfloat16.
 
-Two decisions used to be fixed rules that some machines contradict (measured on a 2-core AMD EPYC with
-AVX2 only: im2col 0.82x the speed of Keras' `Conv2D`, yet chosen on every CPU; bfloat16 training
-steps 5-9x slower than float32, because that CPU has no bfloat16 arithmetic and emulates it):
+Both depend on the machine: im2col beats the library convolution on some CPUs and loses on others,
+and a CPU without bfloat16 arithmetic emulates it, several times slower than float32. So both are
+measured once per machine and cached:
 
-- **The convolution** (`capsulelayers.Conv2D(implementation="auto")`: im2col or the library's
-  convolution, i.e. oneDNN/Eigen on CPUs, cuDNN on GPUs). `tune_model` times both candidates once,
-  forward + backward, on the layer's real shapes (the training batch), dtype policy, machine and
-  backend, keeps the faster, caches the decision and prints one line naming it and both times.
+- **The convolution** (`capsnet.layers.Conv2D(implementation="auto")`: im2col or the library's
+  convolution). `tune_model` times both candidates, forward + backward, on the layer's real shapes
+  (the training batch), dtype policy, machine and backend, keeps the faster, caches the decision and
+  prints one line naming it and both times.
 - **bfloat16** (`precision_policy`): `--mixed_precision` trains in bfloat16 only where the device
-  computes it natively (x86 `avx512_bf16`/`amx_bf16`, Arm `bf16`, NVIDIA compute capability >= 8.0:
-  Ampere, Hopper) and, on a CPU, where the PrimaryCaps convolution (~94% of a step's FLOPs) measured
-  faster in bfloat16 than in float32. Otherwise one line says why, with the measured ratio, and the run
-  stays float32; `--mixed_precision force` insists.
+  computes it natively (x86 `avx512_bf16`/`amx_bf16`, Arm `bf16`, NVIDIA compute capability >= 8.0)
+  and, on a CPU, where the PrimaryCaps convolution (most of a step's FLOPs) measured faster in
+  bfloat16 than in float32. Otherwise one line says why and the run stays float32;
+  `--mixed_precision force` insists.
 
-Design. The timing is done by the command line *before the model trains*, never inside a layer's
-`call`: `capsulenet.run` builds the model, then calls `tune_model(model, batch_size)`, which sets each
-auto layer's `tuned_implementation` (a runtime attribute, not part of `get_config`: files stay
-identical whichever implementation runs, and a file saved on one machine still says `"auto"` on
-another). A `capsulelayers.Conv2D` used outside the CLI never times anything: `"auto"` there follows
-the static rule (`capsulelayers.im2col_is_default`), and an explicit `implementation="im2col"` or
-`"conv"` always wins (such layers are not tuned).
+The timing is done by the command line *before the model trains*, never inside a layer's `call`:
+`tune_model(model, batch_size)` sets each auto layer's `tuned_implementation`, a runtime attribute
+that is not part of `get_config`, so a file saved on one machine still says `"auto"` on another. A
+`Conv2D` used outside the CLI never times anything: `"auto"` there follows the static rule
+(`capsnet.im2col.im2col_is_default`), and an explicit implementation always wins.
 
-The cache is one JSON file (never anything executable; a corrupt one is ignored with a one-line
-warning and rewritten) owned by `DecisionCache`, in `$CAPSNET_CACHE_DIR`, else
-`$XDG_CACHE_HOME/capsnet-keras`, else `~/.cache/capsnet-keras`. A decision is keyed by everything that
-can change it: CPU model, a digest of its flags and its core count, the accelerators, the Keras
-backend and library versions, the dtype policy and the layer's shapes. `CAPSNET_AUTOTUNE=off` turns
-the timing off (the static rule and the native-bfloat16 check only; the test suite sets it).
+The cache is one JSON file (data, never executed; a corrupt one is ignored with a one-line warning and
+rewritten) in `$CAPSNET_CACHE_DIR`, else `$XDG_CACHE_HOME/capsnet-keras`, else
+`~/.cache/capsnet-keras`, keyed by everything that can change a decision (`machine.machine_key()`,
+the dtype policy, the layer's shapes). `CAPSNET_AUTOTUNE=off` turns the timing off (the static rule
+and the native-bfloat16 check only; the test suite sets it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
-import hashlib
 import json
 import os
-import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import keras
-import numpy as np
+
+from capsnet import machine
 
 ENV_CACHE_DIR = "CAPSNET_CACHE_DIR"
 ENV_AUTOTUNE = "CAPSNET_AUTOTUNE"
 CACHE_FILE = "decisions.json"
 CACHE_VERSION = 1
 CANDIDATES = ("im2col", "conv")
-# Timed calls per candidate after one untimed call (tracing, first-touch allocation). Three interleaved
-# calls keep a PrimaryCaps decision at batch 100 to a few seconds on 2 CPU cores; the median of three
-# survives one call slowed by other work on a shared machine.
+# Timed calls per candidate after one untimed call: the median of three survives one call slowed by
+# other work on a shared machine, and keeps a decision at batch 100 to a few seconds.
 ROUNDS = 3
 # A candidate this many times slower than another after one round is not timed again.
 CLEAR_MARGIN = 2.0
 # A first call (compilation included) this many times the other candidate's, and over FIRST_CALL_FLOOR
-# seconds, decides without timed rounds: XLA's CPU convolution backward took 40 s per call against
-# 0.8 s for im2col (JAX 0.10.2, 2 cores), and a compilation is not that much slower than another.
+# seconds, decides without timed rounds: some compilers' convolution backward is that slow on a CPU,
+# and a compilation alone is not that much slower than another.
 FIRST_CALL_MARGIN = 10.0
 FIRST_CALL_FLOOR = 5.0
-# The bfloat16 probe times the PrimaryCaps convolution at no more than this batch: on a CPU that
-# emulates bfloat16 a batch of 100 took 8-14 s per call (AMD EPYC, AVX2), and the ratio is per image.
+# The bfloat16 probe times the PrimaryCaps convolution at no more than this batch: the ratio is per
+# image, and on a CPU that emulates bfloat16 a full batch takes long.
 PROBE_BATCH = 16
 BFLOAT16_POLICY = "mixed_bfloat16"
 # The x86 and Arm /proc/cpuinfo flags of native bfloat16 arithmetic.
@@ -140,6 +132,10 @@ class DecisionCache:
         self._entries = entries
         return self._entries
 
+    def records(self) -> list[tuple[dict, dict]]:
+        """Every `(key, record)` stored."""
+        return [(json.loads(text), record) for text, record in self._load().items()]
+
     def get(self, key: dict) -> dict | None:
         """The record stored for `key`, or None."""
         return self._load().get(self.key_text(key))
@@ -162,175 +158,26 @@ class DecisionCache:
 
 
 # ---------------------------------------------------------------------------------------------
-# What the decision depends on
-# ---------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_fields() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (`model name`, `flags`, ...); empty elsewhere."""
-    fields: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break
-            name, _, value = line.partition(":")
-            fields[name.strip()] = value.strip()
-    return fields
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (x86 `flags`, Arm `Features`); empty where /proc/cpuinfo is missing."""
-    fields = cpu_fields()
-    return set((fields.get("flags") or fields.get("Features") or "").split())
-
-
-def cpu_description() -> dict[str, Any]:
-    """CPU model, a digest of its sorted flags (the full list is ~100 words) and usable cores."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    flags = " ".join(sorted(cpu_flags()))
-    return {"cpu": cpu_fields().get("model name") or platform.processor() or platform.machine(),
-            "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16], "cores": cores}
-
-
-def accelerators() -> list[dict[str, str]]:
-    """The GPUs the Keras backend computes on: `[{"name": ..., "compute_capability": "9.0"}]`; [] on CPU."""
-    backend = keras.backend.backend()
-    found = []
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        for device in tf.config.list_physical_devices("GPU"):
-            details = tf.config.experimental.get_device_details(device)
-            capability = details.get("compute_capability")
-            found.append({"name": str(details.get("device_name", device.name)),
-                          "compute_capability": ".".join(map(str, capability)) if capability else ""})
-    elif backend == "jax":
-        import jax
-
-        for device in jax.devices():
-            if device.platform == "gpu":
-                found.append({"name": device.device_kind,
-                              "compute_capability": str(getattr(device, "compute_capability", ""))})
-    elif backend == "torch":
-        import torch
-
-        for i in range(torch.cuda.device_count()):
-            found.append({"name": torch.cuda.get_device_name(i),
-                          "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(i)))})
-    return found
-
-
-def backend_versions() -> dict[str, str]:
-    """The Keras backend and the versions of the libraries that compute."""
-    backend = keras.backend.backend()
-    versions = {"backend": backend, "keras": keras.__version__, "numpy": np.__version__}
-    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend)
-    if module:
-        versions[module] = __import__(module).__version__
-    if backend == "tensorflow":  # oneDNN on or off changes the CPU kernels
-        versions["TF_ENABLE_ONEDNN_OPTS"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "")
-    return versions
-
-
-def machine_key() -> dict[str, Any]:
-    """Everything about this machine and software that a measured decision depends on."""
-    return {**cpu_description(), "accelerators": accelerators(), **backend_versions()}
-
-
-# ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
 
 
-def conv_step(layer: Any, input_shape: tuple[int, ...], input_grad: bool) -> Callable[[], Any] | None:
-    """Forward + backward of a built `layer` on random inputs of `input_shape`: the gradients of
-    `sum(layer(x) * upstream)` for its weights and, with `input_grad`, for `x` (as in training, where
-    only the first layer's input needs none). None on a backend without a timer here."""
-    rng = np.random.default_rng(0)
-    x_np = rng.standard_normal(input_shape).astype("float32")
-    upstream_np = rng.standard_normal(layer.compute_output_shape(input_shape)).astype("float32")
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        x, upstream = tf.constant(x_np), tf.constant(upstream_np)
-        variables = list(layer.trainable_variables)
-
-        @tf.function
-        def step() -> Any:
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                # The loss is returned: no gradient needs the forward product, which TensorFlow would
-                # otherwise prune (and time the backward pass alone).
-                loss = tf.reduce_sum(tf.cast(layer(x), "float32") * upstream)
-            grads = tape.gradient(loss, variables + ([x] if input_grad else []))
-            return [loss] + [tf.reduce_sum(tf.cast(g, "float32")) for g in grads]
-
-        return lambda: [v.numpy() for v in step()]
-    if backend == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        x, upstream = jnp.asarray(x_np), jnp.asarray(upstream_np)
-        trainable = [v.value for v in layer.trainable_variables]
-        frozen = [v.value for v in layer.non_trainable_variables]
-
-        def loss(trainable: Any, x: Any) -> Any:
-            outputs, _ = layer.stateless_call(trainable, frozen, x)
-            return jnp.sum(outputs.astype("float32") * upstream)
-
-        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1) if input_grad else 0))
-        return lambda: jax.block_until_ready(step(trainable, x))
-    if backend == "torch":
-        import torch
-
-        # On Keras' device (a GPU when there is one); eager, as TorchSteps trains.
-        x = keras.ops.convert_to_tensor(x_np).requires_grad_(input_grad)
-        upstream = keras.ops.convert_to_tensor(upstream_np)
-        variables = [v.value for v in layer.trainable_variables]
-
-        def torch_step() -> Any:
-            loss = torch.sum(layer(x).float() * upstream)
-            torch.autograd.grad(loss, variables + ([x] if input_grad else []))
-            if x.is_cuda:  # kernels run asynchronously: wait for them, or only the launches are timed
-                torch.cuda.synchronize(x.device)
-            return loss.item()
-
-        return torch_step
-    return None
-
-
 def interleaved_medians(fns: dict[str, Callable[[], Any]], rounds: int = ROUNDS) -> dict[str, float]:
-    """Median seconds of each function over up to `rounds` calls, after one call each that is not
-    counted (tracing, first-touch allocation); the order rotates round after round, so that other work
-    on the machine slows every candidate alike. Stops early once one is `CLEAR_MARGIN` times slower
-    than another: more calls of a candidate that slow (XLA's CPU convolution backward takes many
-    seconds) would not change the choice. Where one first call already took `FIRST_CALL_MARGIN` times
-    the other's (and over `FIRST_CALL_FLOOR` s), those first calls' seconds are returned, untimed
-    rounds spared."""
-    first = {}
-    for name, fn in fns.items():
-        start = time.perf_counter()
-        fn()
-        first[name] = time.perf_counter() - start
-    fastest = min(first.values())
-    if max(first.values()) > max(FIRST_CALL_MARGIN * fastest, FIRST_CALL_FLOOR):
-        return first  # compilation included on both sides; the slow one cannot win
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-        medians = {name: statistics.median(values) for name, values in times.items()}
-        if max(medians.values()) > CLEAR_MARGIN * min(medians.values()):
-            break
-    return medians
+    """Median seconds of each candidate over up to `rounds` interleaved calls (`machine.interleave`,
+    after one untimed call each). Stops once one is `CLEAR_MARGIN` times slower than another: more
+    calls of a candidate that slow would not change the choice. Where one first call already took
+    `FIRST_CALL_MARGIN` times the other's (and over `FIRST_CALL_FLOOR` s), those first calls' seconds
+    are returned and the rounds spared: compilation is on both sides, and the slow one cannot win."""
+
+    def decided(timings: machine.Timings) -> bool:
+        if not any(timings.samples.values()):
+            first = timings.first.values()
+            return max(first) > max(FIRST_CALL_MARGIN * min(first), FIRST_CALL_FLOOR)
+        medians = timings.medians().values()
+        return max(medians) > CLEAR_MARGIN * min(medians)
+
+    timings = machine.interleave(fns, rounds, until=decided)
+    return timings.medians() or timings.first
 
 
 def time_conv_candidates(config: dict, input_shape: tuple[int, ...], input_grad: bool = True,
@@ -370,7 +217,7 @@ def _time_candidates(conv2d: type, config: dict, input_shape: tuple[int, ...], i
                                     "name": f"autotune_{implementation}",
                                     **({"dtype": policy} if policy else {})})
         layer.build(input_shape)
-        fn = conv_step(layer, input_shape, input_grad)
+        fn = machine.layer_step(layer, input_shape, input_grad)
         if fn is None:
             return None
         fns[implementation] = fn
@@ -384,7 +231,7 @@ def _time_candidates(conv2d: type, config: dict, input_shape: tuple[int, ...], i
 
 def conv_key(config: dict, input_shape: tuple[int, ...], policy: str, input_grad: bool) -> dict[str, Any]:
     """The cache key of one convolution decision: the machine, the dtype policy and the shapes."""
-    return {"decision": "conv2d", **machine_key(), "policy": policy,
+    return {"decision": "conv2d", **machine.machine_key(), "policy": policy,
             "input_shape": [int(d) for d in input_shape], "filters": int(config["filters"]),
             "kernel_size": [int(d) for d in config["kernel_size"]],
             "strides": [int(d) for d in config["strides"]], "use_bias": bool(config["use_bias"]),
@@ -455,26 +302,56 @@ def tune_model(model: keras.Model, batch_size: int, explicit: str = "auto",
     Returns:
         the choices by layer name.
     """
-    from capsnet.layers import Conv2D
-
     cache = cache or DecisionCache(say=say)
-    model_inputs = {id(t) for t in model.inputs}
     choices = {}
-    for layer in model.layers:
-        if (not isinstance(layer, Conv2D) or layer.implementation != "auto"
-                or not layer._im2col_applies(layer.input)):
-            continue
+    for layer, input_shape, input_grad in _auto_layers(model, batch_size):
         if explicit != "auto":
             layer.tuned_implementation = choices[layer.name] = explicit
             continue
-        input_shape = (int(batch_size), *(int(d) for d in layer.input.shape[1:]))
-        input_grad = id(layer.input) not in model_inputs  # the first layer's input needs no gradient
         choice = choose_conv(layer.name, layer.get_config(), input_shape, input_grad=input_grad,
                              cache=cache, timer=timer, say=say)
         if choice is not None:
             layer.tuned_implementation = choice
             choices[layer.name] = choice
     return choices
+
+
+def _auto_layers(model: keras.Model, batch_size: int) -> list[tuple[Any, tuple[int, ...], bool]]:
+    """`(layer, input shape with the batch, whether its input needs a gradient)` of every
+    `capsnet.layers.Conv2D` of `model` left on `"auto"` where im2col applies."""
+    from capsnet.layers import Conv2D
+
+    model_inputs = {id(t) for t in model.inputs}
+    return [(layer, (int(batch_size), *(int(d) for d in layer.input.shape[1:])),
+             id(layer.input) not in model_inputs)  # the first layer's input needs no gradient
+            for layer in model.layers
+            if isinstance(layer, Conv2D) and layer.implementation == "auto"
+            and layer._im2col_applies(layer.input)]
+
+
+# Key fields that name the software, not the machine or the layer.
+SOFTWARE_FIELDS = frozenset({"backend", "keras", "numpy", "tensorflow", "jax", "torch",
+                             "TF_ENABLE_ONEDNN_OPTS"})
+
+
+def seconds_by_backend(model: keras.Model, batch_size: int, cache: DecisionCache | None = None
+                       ) -> dict[str, float]:
+    """What the cache holds of `model`'s tuned convolutions on every backend measured on this machine:
+    the seconds of the faster candidate, forward + backward, summed over the layers, by backend (only
+    backends where every layer was measured, in float32)."""
+    cache = cache or DecisionCache()
+    best: dict[str, dict[str, float]] = {}  # backend -> layer -> seconds
+    layers = _auto_layers(model, batch_size)
+    for layer, input_shape, input_grad in layers:
+        wanted = conv_key(layer.get_config(), input_shape, "float32", input_grad)
+        same = {k: v for k, v in wanted.items() if k not in SOFTWARE_FIELDS}
+        for key, record in cache.records():
+            if ({k: v for k, v in key.items() if k not in SOFTWARE_FIELDS} == same
+                    and isinstance(record.get("seconds"), dict) and record["seconds"]):
+                seconds = best.setdefault(str(key.get("backend")), {})
+                seconds[layer.name] = min(seconds.get(layer.name, float("inf")), *record["seconds"].values())
+    return {backend: sum(by_layer.values()) for backend, by_layer in best.items()
+            if len(by_layer) == len(layers)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,18 +366,18 @@ def bfloat16_support() -> Bfloat16Support:
     flags `avx512_bf16` or `amx_bf16` (x86) or `bf16` (Arm). Elsewhere bfloat16 is converted to and
     from float32 around every operation.
     """
-    gpus = accelerators()
+    gpus = machine.accelerators()
     if gpus:
         gpu, capability = gpus[0]["name"], gpus[0]["compute_capability"]
         try:
             native = float(capability) >= 8.0
-        except ValueError:  # not reported: not refused (bfloat16 is native on every GPU sold since 2020)
+        except ValueError:  # not reported: not refused (current NVIDIA GPUs all compute bfloat16)
             return Bfloat16Support(True, f"{gpu} (compute capability not reported)", True)
         if native:
             return Bfloat16Support(True, f"{gpu} (compute capability {capability})", True)
         return Bfloat16Support(False, f"{gpu} (compute capability {capability}, below 8.0)", True)
-    native = sorted(set(BFLOAT16_CPU_FLAGS) & cpu_flags())
-    cpu = cpu_description()["cpu"]
+    native = sorted(set(BFLOAT16_CPU_FLAGS) & machine.cpu_flags())
+    cpu = machine.cpu_model()
     if native:
         return Bfloat16Support(True, f"{cpu} ({', '.join(native)})", False)
     return Bfloat16Support(False, f"{cpu} (no avx512_bf16 or amx_bf16 in its flags)", False)
@@ -517,7 +394,7 @@ def bfloat16_ratio(batch_size: int, cache: DecisionCache | None = None, say: Say
     batch = min(int(batch_size), PROBE_BATCH)
     input_shape = (batch, 20, 20, 256)
     config = {"filters": 256, "kernel_size": (9, 9), "strides": (2, 2), "padding": "valid"}
-    key = {"decision": "bfloat16", **machine_key(), "input_shape": list(input_shape)}
+    key = {"decision": "bfloat16", **machine.machine_key(), "input_shape": list(input_shape)}
     record = cache.get(key)
     if record is None or not isinstance(record.get("ratio"), (int, float)):
         from capsnet.layers import Conv2D

@@ -1,29 +1,26 @@
-"""Training CapsNet: the configuration, the optimizer, the batches, the epoch loop and `train`.
+"""Training CapsNet: the configuration, the optimizer, `build` (model, optimizer and step in one
+call), the epoch loop and `train`.
 
 One loop serves every way this project trains (`capsulenet.py` on one device,
-`capsulenet-multi-gpu.py` on several devices or machines, TensorFlow or JAX): each epoch it trains on
-shuffled, randomly shifted batches, validates on the test set, appends a row to `log.csv`, keeps the
-best weights, optionally writes TensorBoard logs, and backs up everything a killed run needs to resume
-(`backup.Backup`). How one step runs on the devices is the backend's business (`backends.py`).
+`capsulenet-multi-gpu.py` on several devices or machines, TensorFlow, JAX or PyTorch): each epoch it
+trains on shuffled, randomly shifted batches, validates on the test set, appends a row to `log.csv`,
+keeps the best weights, optionally writes TensorBoard logs, and backs up everything a killed run needs
+to resume (`backup.Backup`). How one step runs on the devices is the backend's business (`backends.py`).
 
 Usage::
 
-    config = TrainConfig(epochs=2, batch_size=100, seed=0, save_dir="result")
-    optimizer = make_optimizer(config.lr, config.lr_decay, steps_per_epoch=600)
-    steps = backends.make_steps(train_model, optimizer, config.lam_recon, config.batch_size)
-    trainer = Trainer(train_model, optimizer, steps, config, Backup("result/backup"))
-    log = trainer.fit((x_train, y_train), (x_test, y_test))
-
-    # or all of it, then the final weights and log.png, as the command line does:
-    train(train_model, eval_model, optimizer, data, config, Backup("result/backup"))
+    config = TrainConfig(epochs=2, seed=0, save_dir="result")      # the other flags' defaults
+    built = build((28, 28, 1), 10, config, steps_per_epoch=600)    # models, optimizer, step
+    train(built, (train_data, test_data), config, Backup("result/backup"))
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -32,6 +29,7 @@ from capsnet import atomic, backends, datasets, losses, plots, saving
 from capsnet.backup import Backup, RunState
 from capsnet.batches import DigitBatcher, prefetch
 from capsnet.errors import TrainingDivergedError
+from capsnet.model import CapsNet, compile_like_original, two_digit_train_model
 
 # What every step and every validation returns, summed over its samples (the loop divides).
 SUMS = ("loss", "capsnet_loss", "decoder_loss", "capsnet_accuracy")
@@ -39,17 +37,22 @@ SUMS = ("loss", "capsnet_loss", "decoder_loss", "capsnet_accuracy")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """What training reads: the command line builds it once from its flags (`capsulenet.train_config`)."""
+    """What training reads. Its defaults are the command line's (and the original project's): the flags
+    read them from here (`DEFAULTS`), and so does everything else that trains or times a step."""
 
     epochs: int = 50
     batch_size: int = 100  # global: split across the replicas of a data-parallel run
     lr: float = 0.001
     lr_decay: float = 0.9  # lr at epoch e is lr * lr_decay ** e
     lam_recon: float = 0.392  # weight of the reconstruction MSE (0.0005 * 784, the paper's SSE weight)
+    routings: int = 3  # the paper's routing iterations
     shift_fraction: float = 0.1
     seed: int = 0
     save_dir: str = "./result"
     debug: bool = False  # TensorBoard logs
+
+
+DEFAULTS = TrainConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,11 +64,11 @@ class TrainConfig:
 class Adam(keras.optimizers.Adam):
     """`keras.optimizers.Adam`, whose update on TensorFlow is one fused kernel per variable.
 
-    Keras' Adam updates a variable in ~10 element-wise ops, each a pass over the variable: 31 ms per
-    step for CapsNet's 8.2M parameters on 2 CPU cores, against 11 ms for TensorFlow's own fused
-    `ResourceApplyAdam`, which computes the same update (`lr_t = lr * sqrt(1 - beta_2^t) /
+    Keras' Adam updates a variable in ~10 element-wise ops, each a pass over the variable; TensorFlow's
+    own fused `ResourceApplyAdam` computes the same update (`lr_t = lr * sqrt(1 - beta_2^t) /
     (1 - beta_1^t)`, `m += (g - m)(1 - beta_1)`, `v += (g^2 - v)(1 - beta_2)`, `w -= lr_t * m /
-    (sqrt(v) + epsilon)`) in one pass. The variables (`m`, `v`) are Keras Adam's own, so checkpoints
+    (sqrt(v) + epsilon)`) in one pass, which matters on a CPU, where the update is memory-bound
+    (`python bench/layers.py` times it). The variables (`m`, `v`) are Keras Adam's own, so checkpoints
     and backups are interchangeable with it. Other backends (JAX fuses the update itself) and
     `amsgrad` take Keras' update.
     """
@@ -290,24 +293,68 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return max(1, n_train // batch_size)
 
 
-def train(model: keras.Model, eval_model: keras.Model, optimizer: Any, data: datasets.Dataset,
-          config: TrainConfig, backup: Backup, strategy: Any = None, is_chief: bool = True,
-          objective: losses.Objective = losses.ONE_DIGIT, batcher: Any = None) -> None:
-    """Trains `model` (the train model) on `data`, validating on the test set every epoch.
+class Built(NamedTuple):
+    """What `build` returns: the three models, the optimizer and the steps that train `train_model`."""
+
+    model: keras.Model  # [x, y] -> [lengths, reconstruction], compiled as the original
+    eval_model: keras.Model  # x -> [lengths, reconstruction]
+    manipulate_model: keras.Model  # [x, y, noise] -> reconstruction
+    optimizer: Any
+    steps: Any  # backends.make_steps' object, or TensorFlowSteps with XLA
+    train_model: keras.Model  # what the steps train: `model`, or its two-digit form
+
+
+def build(input_shape: tuple[int, ...], n_class: int, config: TrainConfig = DEFAULTS,
+          steps_per_epoch: int = 600, strategy: Any = None, two_digits: bool = False,
+          jit_compile: bool = False, architecture: Any = CapsNet) -> Built:
+    """The models, the optimizer and the training step, as the command line trains them.
+
+    Models and optimizer are made under `strategy`'s scope, so that their variables are mirrored
+    alike (an optimizer made outside it refuses to apply under `MirroredStrategy`). The steps are
+    traced on their first call, so the convolutions may still be tuned (`autotune.tune_model`) and
+    weights loaded after `build`.
+
+    Args:
+        input_shape: one image, `(rows, cols, channels)`.
+        n_class: classes.
+        config: `lr`, `lr_decay`, `lam_recon`, `routings` and `batch_size` are read.
+        steps_per_epoch: steps per epoch, the period of the learning-rate decay.
+        strategy: TensorFlow only: the `tf.distribute` strategy (default: one device).
+        two_digits: train the two-digit model of MultiMNIST (`losses.TWO_DIGITS`).
+        jit_compile: TensorFlow only: compile the steps with XLA.
+        architecture: `(input_shape, n_class, routings) -> (train, eval, manipulate)` models, e.g.
+            the original formulation's for a benchmark.
+    """
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        optimizer = make_optimizer(config.lr, config.lr_decay, steps_per_epoch)
+        model, eval_model, manipulate_model = architecture(input_shape, n_class, config.routings)
+        compile_like_original(model, optimizer, config.lam_recon)
+        train_model = two_digit_train_model(model) if two_digits else model
+    objective = losses.TWO_DIGITS if two_digits else losses.ONE_DIGIT
+    if jit_compile:
+        steps = backends.TensorFlowSteps(train_model, optimizer, config.lam_recon, config.batch_size,
+                                         strategy, jit_compile=True, objective=objective)
+    else:
+        steps = backends.make_steps(train_model, optimizer, config.lam_recon, config.batch_size, strategy,
+                                    objective=objective)
+    return Built(model, eval_model, manipulate_model, optimizer, steps, train_model)
+
+
+def train(built: Built, data: datasets.Dataset, config: TrainConfig, backup: Backup, is_chief: bool = True,
+          batcher: Any = None) -> None:
+    """Trains `built.train_model` with `built.steps` on `data`, validating on the test set every epoch.
 
     Writes to `config.save_dir`: `log.csv`, `weights-{epoch:02d}.weights.h5` (best on validation
     accuracy), `trained_model.weights.h5` and `log.png` (the chief only), and removes the backup once
-    the run is complete. MultiMNIST passes its `objective` and `batcher` (`losses.TWO_DIGITS`,
-    `multimnist.PairBatcher`) with the two-digit train model.
+    the run is complete. MultiMNIST passes its `batcher` (`multimnist.PairBatcher`) with a two-digit
+    `built`.
     """
-    steps = backends.make_steps(model, optimizer, config.lam_recon, config.batch_size, strategy,
-                                objective=objective)
-    trainer = Trainer(model, optimizer, steps, config, backup, is_chief=is_chief,
-                      weights_model=eval_model, batcher=batcher)
+    trainer = Trainer(built.train_model, built.optimizer, built.steps, config, backup, is_chief=is_chief,
+                      weights_model=built.eval_model, batcher=batcher)
     trainer.fit(*data)
     if is_chief:
         path = Path(config.save_dir) / "trained_model.weights.h5"
-        saving.save_weights(eval_model, path)
+        saving.save_weights(built.eval_model, path)
         print(f"Trained model saved to '{path}'")
         plots.plot_log(Path(config.save_dir) / "log.csv", show=False)
     backup.remove()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import json
 import os
@@ -47,7 +48,7 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 import capsulenet  # noqa: E402
-from capsnet import atomic, datasets, errors, plots, saving  # noqa: E402
+from capsnet import atomic, datasets, errors, plots, saving, training  # noqa: E402
 from capsnet.errors import UserError  # noqa: E402
 
 SUMMARY_FILE = "gallery.json"
@@ -67,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="The log.csv of the training run, drawn as log.png; without it no log.png")
     parser.add_argument("--caption", default=None,
                         help="Caption recorded in gallery.json; without it: routings, epochs, test accuracy")
-    parser.add_argument("-r", "--routings", default=3, type=int,
+    parser.add_argument("-r", "--routings", default=training.DEFAULTS.routings, type=int,
                         help="Routing iterations of the trained model")
-    parser.add_argument("--batch_size", default=100, type=int, help="Images per prediction batch")
+    parser.add_argument("--batch_size", default=training.DEFAULTS.batch_size, type=int,
+                        help="Images per prediction batch")
     parser.add_argument("--seed", default=0, type=int,
                         help="Seed of the choice of the manipulated samples")
     return parser
@@ -156,8 +158,9 @@ def make_gallery(args: argparse.Namespace) -> dict[str, Any]:
     data = load_data(args)
     (x_train, y_train), test_data = data
     n_class = y_train.shape[1]
-    train_model, eval_model, manipulate_model = capsulenet.CapsNet(x_train.shape[1:], n_class,
-                                                                   args.routings)
+    # The models as the command line builds them (the optimizer and step come along, unused here).
+    config = dataclasses.replace(training.DEFAULTS, routings=args.routings, batch_size=args.batch_size)
+    train_model, eval_model, manipulate_model, *_ = training.build(x_train.shape[1:], n_class, config)
     loaded = saving.load_weights(train_model, args.weights)
     print(f"Loaded weights from {loaded}")
 

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from capsnet import autotune, im2col
+from capsnet import autotune, im2col, machine
 from capsnet.layers import Conv2D
 
 
@@ -104,8 +104,8 @@ def test_the_cache_key_changes_with_the_backend_and_the_dtype_policy(monkeypatch
     bfloat16 = Conv2D(4, 3, strides=2, name="primary", dtype="mixed_bfloat16").get_config()
     autotune.choose_conv("primary", bfloat16, (8, 7, 7, 2), **quiet)
     assert len(timer.calls) == 2
-    versions = autotune.backend_versions()
-    monkeypatch.setattr(autotune, "backend_versions", lambda: {**versions, "backend": "jax", "jax": "0.10.2"})
+    versions = machine.backend_versions()
+    monkeypatch.setattr(machine, "backend_versions", lambda: {**versions, "backend": "jax", "jax": "0.10.2"})
     autotune.choose_conv("primary", config, (8, 7, 7, 2), **quiet)
     assert len(timer.calls) == 3
     float32_key = autotune.conv_key(config, (8, 7, 7, 2), "float32", True)
@@ -195,6 +195,32 @@ def test_emulated_bfloat16_trains_in_float32_and_says_so_with_the_ratio() -> Non
     assert "EPYC" in lines[0] and "5.80x" in lines[0] and "float32" in lines[0] and "force" in lines[0]
 
 
+T4_GPU = autotune.Bfloat16Support(False, "Tesla T4 (compute capability 7.5, below 8.0)", True)
+
+
+@pytest.mark.parametrize("device", [EMULATED_CPU, T4_GPU], ids=["emulating-cpu", "t4-like-gpu"])
+@pytest.mark.parametrize("measured", [0.5, None], ids=["measured-faster", "not-measured"])
+def test_a_device_without_native_bfloat16_trains_in_float32_whatever_was_measured(
+        device: autotune.Bfloat16Support, measured: float | None) -> None:
+    """The rule is "bfloat16 only where it is native": a device that emulates it gets float32 and one
+    line even where the probe measured bfloat16 faster (0.5x) or measured nothing (autotune off)."""
+    for _ in range(2):  # every time, not only the first
+        lines: list[str] = []
+        assert autotune.precision_policy("auto", 100, support=lambda: device, ratio=lambda batch: measured,
+                                         say=lines.append) == "float32"
+        assert len(lines) == 1
+        assert device.device in lines[0] and "no native bfloat16" in lines[0] and "force" in lines[0]
+        assert ("0.50x" in lines[0]) == (measured is not None)
+
+
+def test_native_bfloat16_not_measured_is_used_without_a_line() -> None:
+    """A native CPU with autotune off (no ratio) keeps bfloat16, as asked; nothing to report."""
+    lines: list[str] = []
+    assert autotune.precision_policy("auto", 100, support=lambda: NATIVE_CPU, ratio=lambda batch: None,
+                                     say=lines.append) == "mixed_bfloat16"
+    assert lines == []
+
+
 def test_native_but_slower_bfloat16_trains_in_float32() -> None:
     lines: list[str] = []
     assert autotune.precision_policy("auto", 100, support=lambda: NATIVE_CPU, ratio=lambda batch: 1.4,
@@ -214,14 +240,14 @@ def test_forced_bfloat16_and_native_gpus_are_not_probed() -> None:
 
 
 def test_cpu_flags_decide_native_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(autotune, "accelerators", lambda: [])
-    monkeypatch.setattr(autotune, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(machine, "accelerators", lambda: [])
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
     assert not autotune.bfloat16_support().native
-    monkeypatch.setattr(autotune, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "amx_bf16"})
     assert autotune.bfloat16_support().native
-    monkeypatch.setattr(autotune, "accelerators", lambda: [{"name": "Tesla T4", "compute_capability": "7.5"}])
+    monkeypatch.setattr(machine, "accelerators", lambda: [{"name": "Tesla T4", "compute_capability": "7.5"}])
     assert autotune.bfloat16_support() == (False, "Tesla T4 (compute capability 7.5, below 8.0)", True)
-    monkeypatch.setattr(autotune, "accelerators", lambda: [{"name": "H100", "compute_capability": "9.0"}])
+    monkeypatch.setattr(machine, "accelerators", lambda: [{"name": "H100", "compute_capability": "9.0"}])
     assert autotune.bfloat16_support() == (True, "H100 (compute capability 9.0)", True)
 
 
@@ -250,7 +276,7 @@ def test_timing_stops_once_the_choice_is_clear(monkeypatch: pytest.MonkeyPatch) 
     again (XLA's CPU convolution backward takes seconds per call), a close race gets every round."""
     clock = [0.0]
     calls: dict[str, int] = {}
-    monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(machine.time, "perf_counter", lambda: clock[0])
 
     def costs(name: str, seconds: list[float]) -> object:
         def run() -> None:
@@ -276,3 +302,43 @@ def test_timing_stops_once_the_choice_is_clear(monkeypatch: pytest.MonkeyPatch) 
     quick = {"im2col": costs("im2col", [0.4, 1.0]), "conv": costs("conv", [4.0, 1.5])}
     assert autotune.interleaved_medians(quick, rounds=3) == {"im2col": 1.0, "conv": 1.5}
     assert calls == {"im2col": 4, "conv": 4}
+
+
+def test_seconds_by_backend_reads_this_machines_decisions_of_every_backend(tmp_path: Path) -> None:
+    """The convolution's best time per backend, for this machine, layer shapes and float32 only."""
+    model = small_model()
+    cache = autotune.DecisionCache(tmp_path / "decisions.json", say=lambda line: None)
+    key = autotune.conv_key(model.get_layer("primary").get_config(), (8, 7, 7, 2), "float32", True)
+    cache.put(key, {"choice": "im2col", "seconds": {"im2col": 0.2, "conv": 0.5}})
+    cache.put({**key, "backend": "jax", "jax": "0.10.2"}, {"choice": "conv", "seconds": {"im2col": 0.9,
+                                                                                         "conv": 0.7}})
+    torch = {"choice": "conv", "seconds": {"conv": 0.1}}
+    cache.put({**key, "backend": "torch", "cpu": "another CPU"}, torch)
+    cache.put({**key, "backend": "torch", "policy": "mixed_bfloat16"}, torch)
+    cache.put({**key, "backend": "torch", "input_shape": [16, 7, 7, 2]}, torch)
+    assert autotune.seconds_by_backend(model, 8, cache) == {key["backend"]: 0.2, "jax": 0.7}
+    assert autotune.seconds_by_backend(model, 16, cache) == {"torch": 0.1}
+
+
+@pytest.mark.parametrize("measured, want", [
+    ({"jax": 0.9, "tensorflow": 0.3}, "900 ms on JAX against 300 ms on TensorFlow"),
+    ({"jax": 0.2, "tensorflow": 0.3}, None),  # JAX measured faster here: nothing to warn about
+    ({"jax": 0.2}, "bench/epoch.py"),  # nothing to compare: how to measure, no number
+])
+def test_jax_on_a_cpu_states_what_this_machine_measured_or_no_number(
+        measured: dict, want: str | None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    import re
+
+    import capsulenet
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    monkeypatch.setattr(autotune, "seconds_by_backend", lambda model, batch: measured)
+    capsulenet.warn_if_slow_backend(None, 100)
+    printed = capsys.readouterr().out
+    if want is None:
+        assert printed == ""
+    else:
+        assert want in printed and printed.count("\n") == 1
+    if "tensorflow" not in measured:
+        assert not re.search(r"\d", printed)

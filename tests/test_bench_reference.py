@@ -1,13 +1,14 @@
 """The benchmark's baseline (bench/original_formulation.py) computes what the product computes, the
-benchmark's FLOP count and floor are right, and its report is written as documented.
+benchmark's FLOP count and floor are right, the step's breakdown measures every part against its
+floor, and the reports are written as documented, each in its own place of bench/RESULTS.md.
 
-The speed comparison in bench/bench.py only means something if both formulations do the same
+The speed comparison in bench/step.py only means something if both formulations do the same
 arithmetic: same weights must give the same capsule lengths, reconstructions, manipulation grids and
 gradients (on full and partial batches). A fresh model's capsules are ~1e-9 long, which would hide the
 encoder from every comparison of reconstructions, so the shared weights are scaled until the capsules
 are O(0.1-1) long and the decoder's output visibly depends on them; a control perturbs the baseline's
 weights by 0.5% and checks that the same comparisons then fail. The FLOP count that defines the floor
-must match the SPEC's figure and a count taken independently from the ops of the product's traced
+must match a count by hand and a count taken independently from the ops of the product's traced
 training step; the floor's matrix products must be checked against float64 and the CPU's peak.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -22,17 +24,20 @@ import numpy as np
 import pytest
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
-# bench/'s scripts import each other by bare name, as when run as `python bench/bench.py`; appended, so
+# bench/'s scripts import each other by bare name, as when run as `python bench/step.py`; appended, so
 # that the product's and the tests' own modules keep precedence.
 if str(BENCH_DIR) not in sys.path:
     sys.path.append(str(BENCH_DIR))
 
 import common  # noqa: E402
+import epoch  # noqa: E402
 import flops  # noqa: E402
+import layers  # noqa: E402
 import original_formulation as original  # noqa: E402
+import replicas  # noqa: E402
 import report  # noqa: E402
+import step  # noqa: E402
 
-import bench  # noqa: E402
 import capsulenet  # noqa: E402
 from capsnet import im2col  # noqa: E402
 from capsnet.losses import per_sample_terms  # noqa: E402
@@ -64,17 +69,25 @@ def _lengthen_capsules(train_model, eval_model) -> None:  # noqa: ANN001
     dense.set_weights([kernel * DECODER_GAIN, bias])
 
 
+class Models:
+    """One variant's three models and steps, by the names the comparisons use."""
+
+    def __init__(self, variant: step.Variant) -> None:
+        self.train_model, self.eval_model = variant.built.model, variant.built.eval_model
+        self.manipulate_model, self.steps = variant.built.manipulate_model, variant.steps
+
+
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The product's models and the original formulation's, holding the same (lengthened) weights."""
+def models() -> dict:
+    """The product's models and the original formulation's, holding the same (lengthened) weights,
+    both built by `training.build` as bench/step.py builds them."""
     import keras
 
     keras.utils.set_random_seed(7)
-    config = bench.train_config(str(tmp_path_factory.mktemp("bench")))
-    product = bench.build_product(config)
-    _lengthen_capsules(product.train_model, product.eval_model)
-    baseline = bench.build_baseline(config, source=product.train_model)
-    return {"product": product, "baseline": baseline, "config": config}
+    product = step.build_variant("product")
+    _lengthen_capsules(product.built.model, product.built.eval_model)
+    baseline = step.build_variant("baseline", source=product.built.model)
+    return {"product": Models(product), "baseline": Models(baseline)}
 
 
 @contextlib.contextmanager
@@ -137,7 +150,7 @@ def test_same_gradients(models: dict) -> None:
     import tensorflow as tf
 
     x, y = (tf.constant(a) for a in _images(100, seed=11))
-    lam_recon = models["config"].lam_recon
+    lam_recon = common.DEFAULTS.lam_recon
     grads = {}
     for name in ("product", "baseline"):
         model = models[name].train_model
@@ -245,12 +258,12 @@ def test_numpy_shift_matches_scipy() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_analytic_flops_match_spec() -> None:
-    """SPEC section 6: 1,202.6 MFLOP per training image, 120.3 GFLOP per batch-100 step; the
-    parts the SPEC lists: 94% of it in the PrimaryCaps conv."""
+def test_analytic_flops_match_a_count_by_hand() -> None:
+    """1,202.6 MFLOP per training image counting every coupling's gradient (120.3 GFLOP per batch-100
+    step), 95% of it in the PrimaryCaps conv."""
     counts = flops.analytic_flops()
-    assert counts["spec_train_total"] / 1e6 == pytest.approx(1202.6, abs=0.05)
-    assert counts["spec_train_total"] * 100 / 1e9 == pytest.approx(120.3, abs=0.05)
+    assert counts["train_total_all_couplings"] / 1e6 == pytest.approx(1202.6, abs=0.05)
+    assert counts["train_total_all_couplings"] * 100 / 1e9 == pytest.approx(120.3, abs=0.05)
     assert counts["forward_total"] / 1e6 == pytest.approx(406.4, abs=0.05)
     assert counts["train"]["primarycaps"] / counts["train_total"] == pytest.approx(0.953, abs=0.005)
     # Independent arithmetic for the two convolutions and the decoder (2 FLOPs per multiply-add).
@@ -258,7 +271,7 @@ def test_analytic_flops_match_spec() -> None:
     assert counts["forward"]["primarycaps"] == 2 * (6 * 6 * 256) * (9 * 9 * 256)
     assert counts["forward"]["decoder"] == 2 * (160 * 512 + 512 * 1024 + 1024 * 784)
     # The exact count drops only the gradient of the constant first coupling (0.03%).
-    assert counts["spec_train_total"] - counts["train_total"] == 2 * 10 * 1152 * 16
+    assert counts["train_total_all_couplings"] - counts["train_total"] == 2 * 10 * 1152 * 16
 
 
 def test_analytic_flops_match_traced_graph(models: dict) -> None:
@@ -346,7 +359,7 @@ def test_a_nominal_clock_does_not_refuse_a_boosted_product(monkeypatch: pytest.M
     product at 288 GFLOP/s against 2 x 64 x 2.1 GHz = 269.)"""
     def floor_with(clock: tuple[float, str]) -> dict:
         monkeypatch.setattr(flops, "cpu_clock_ghz", lambda: clock)
-        monkeypatch.setattr(flops.common, "cpu_info", lambda: {
+        monkeypatch.setattr(flops.machine, "cpu_fields", lambda: {
             "flags": "avx512f avx2 fma", "vendor_id": "GenuineIntel", "cpu family": "6"})
         peak = flops.cpu_peak(cores=2)
         floor = {"candidates": [{"library": "tf.matmul", "n": 4096, "chain": 1, "gflops": 288.0,
@@ -369,8 +382,8 @@ def test_a_nominal_clock_does_not_refuse_a_boosted_product(monkeypatch: pytest.M
 
 
 def test_cpu_peak_arithmetic() -> None:
-    """SPEC section 6's example, 2 Zen 4 cores: 2 x 32 FLOP/cycle x 3.7 GHz; AVX-512 with two full
-    FMA units counts 64; this machine's estimate is positive and says how it was made."""
+    """2 Zen 4 cores: 2 x 32 FLOP/cycle x 3.7 GHz; AVX-512 with two full FMA units counts 64; this
+    machine's estimate is positive and says how it was made."""
     per_cycle, _ = flops.flops_per_cycle({"avx512f", "avx2", "fma"}, "AuthenticAMD", 0x19)
     assert 2 * per_cycle * 3.7 == pytest.approx(236.8)
     assert flops.flops_per_cycle({"avx512f", "avx2", "fma"}, "GenuineIntel", 6)[0] == 64
@@ -379,53 +392,7 @@ def test_cpu_peak_arithmetic() -> None:
     here = flops.cpu_peak()
     assert here["gflops"] == pytest.approx(here["cores"] * here["flops_per_cycle"] * here["ghz"])
     assert f"{here['cores']} cores" in here["how"]
-    assert bench.parse_args(["--peak_gflops", "240"]).peak_gflops == 240.0
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing inside the loops
-# ---------------------------------------------------------------------------------------------
-
-
-def test_step_clock() -> None:
-    """Each step in the loop runs from its start to the next start; a call from start to end."""
-    clock = bench.StepClock()
-    clock.starts, clock.ends = [0.0, 1.0, 3.0], [0.5, 2.0, 3.5]
-    assert clock.in_loop() == [1.0, 2.0]
-    assert clock.calls() == [0.5, 1.0, 0.5]
-
-
-def test_epoch_projection_from_steps_in_the_loop() -> None:
-    """A median step of 0.4 s in the loop, 0.8 s per epoch outside steps and validation, 0.2 s to
-    validate 200 images: a 600-step epoch with a 10k-image validation is 240 + 0.8 + 10 s; steps are
-    pooled over epochs, the rest is the median over epochs."""
-    assert bench.project_epoch(0.4, 0.8, 0.2, 200) == pytest.approx(240 + 0.8 + 10)
-    records = [{"in_loop": [0.4, 0.4, 9.0], "calls": [0.3] * 4, "seconds": 12.0, "steps": 11.0, "valid": 0.2},
-               {"in_loop": [0.5, 0.3], "calls": [0.3] * 3, "seconds": 5.0, "steps": 3.0, "valid": 0.1}]
-    summary = bench.summarize_epochs(records, 4, 200)
-    assert summary["per_step"]["median"] == pytest.approx(0.4) and summary["per_step"]["n"] == 5
-    assert summary["other"] == pytest.approx((0.8 + 1.9) / 2)
-    assert summary["projected"] == pytest.approx(bench.project_epoch(0.4, 1.35, 0.15, 200))
-
-
-@pytest.mark.slow
-def test_epochs_are_timed_inside_each_loop(models: dict) -> None:
-    """`run_epoch` times every step of the product's `Trainer.train_epoch` and of the original's
-    `model.fit`, and leaves the product's steps object in place."""
-    data = bench.epoch_data(2, 100, seed=8)
-    for name in ("product", "baseline"):
-        variant = models[name]
-        weights = variant.train_model.get_weights()
-        try:
-            record = bench.run_epoch(variant, data, epoch=0)
-        finally:  # the other tests compare the two models' untrained, equal weights
-            variant.train_model.set_weights(weights)
-        assert len(record["calls"]) == 2 and len(record["in_loop"]) == 1
-        assert all(t > 0 for t in record["calls"] + record["in_loop"])
-        assert 0 < record["valid"] < record["seconds"]
-        assert sum(record["calls"]) <= record["steps"]
-        assert record["steps"] + record["valid"] <= record["seconds"]
-    assert models["product"].trainer.steps is models["product"].steps
+    assert step.parse_args(["--peak_gflops", "240"]).peak_gflops == 240.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,36 +400,41 @@ def test_epochs_are_timed_inside_each_loop(models: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_results_writer_keeps_other_blocks(tmp_path: Path) -> None:
-    """bench/RESULTS.md: only the bench block changes; other blocks and devices stay."""
+def test_results_writer_rewrites_a_section_in_place(tmp_path: Path) -> None:
+    """bench/RESULTS.md: a script's rerun on a machine replaces that machine's section where it stands;
+    other blocks, other machines and the text around them stay; nothing is appended."""
     path = tmp_path / "RESULTS.md"
-    report.write_results("### CPU\nfirst\n", "cpu-x", path)
+
+    def write(key: str, text: str, owner: str = "step") -> None:
+        common.write_section(path, owner, key, text, report.INTRO)
+
+    write("cpu-x", "### CPU\nfirst\n")
     text = path.read_text()
-    assert "<!-- bench:start -->" in text and "<!-- bench:end -->" in text and "first" in text
-    replicas = "<!-- replicas:start -->\nreplica numbers\n<!-- replicas:end -->\n"
-    path.write_text("# Title\n\nintro\n\n" + text + "\n" + replicas)
-    report.write_results("### GPU\ngpu numbers\n", "gpu-y", path)
-    report.write_results("### CPU\nsecond\n", "cpu-x", path)
+    assert "<!-- step:start -->" in text and "<!-- step:end -->" in text and "first" in text
+    other = "<!-- replicas:start -->\nreplica numbers\n<!-- replicas:end -->\n"
+    path.write_text("# Title\n\nintro\n\n" + text + "\nnotes between\n\n" + other)
+    write("gpu-y", "### GPU\ngpu numbers\n")
+    write("cpu-x", "### CPU\nsecond\n")
     text = path.read_text()
     assert text.startswith("# Title\n\nintro\n")
-    assert text.endswith(replicas)
+    assert text.endswith("\nnotes between\n\n" + other)
     assert "second" in text and "first" not in text and "gpu numbers" in text
-    assert text.count("<!-- bench:start -->") == 1 and text.count("bench:device cpu-x") == 1
-    report.write_results("### CPU\nsecond\n", "cpu-x", path)
+    assert text.index("second") < text.index("gpu numbers")  # in place, not moved to the end
+    assert text.count("<!-- step:start -->") == 1 and text.count("step:device cpu-x") == 1
+    write("cpu-x", "### CPU\nsecond\n")
     assert path.read_text() == text  # rewriting the same section changes nothing
-    report.write_section(path, "replicas", "m", "### M\nnew replicas\n", report.REPLICAS_INTRO)
+    common.write_section(path, "replicas", "m", "### M\nnew replicas\n", replicas.INTRO)
     text = path.read_text()
     assert "replica numbers" in text and "new replicas" in text and "second" in text
 
 
 def _fake_results(gpu: bool) -> dict:
-    """Results shaped as bench.run_benchmark returns them, with made-up numbers."""
+    """Results shaped as step.run_benchmark returns them, with made-up numbers."""
     s = {"median": 0.5, "q1": 0.4, "q3": 0.6, "n": 4}
     device = {"kind": "GPU" if gpu else "CPU", "name": "Fake", "cpu": "Fake CPU (2 cores)",
               "cores": 2, "key": "fake"}
-    config = bench.Config(steps=3, rounds=2, warmup=1, epoch_steps=5, epoch_rounds=1,
-                          valid_images=200, inference_images=300, gemm_sizes=(2048,), gemm_repeats=3,
-                          memory_steps=3, min_slow_steps=1, inference_calls=3, thread_rounds=1)
+    config = step.Config(steps=3, rounds=2, warmup=1, inference_images=300, gemm_sizes=(2048,),
+                         gemm_repeats=3, memory_steps=3, min_slow_steps=1, inference_calls=3, thread_rounds=1)
     candidates = [{"library": "NumPy", "n": 4096, "chain": 1, "gflops": 200.0, "error": 5e-7},
                   {"library": "tf.matmul", "n": 4096, "chain": 1, "gflops": 514.0, "error": 5e-7},
                   {"library": "tf.matmul", "n": 2048, "chain": 1, "gflops": 150.0, "error": 8e-3}]
@@ -470,26 +442,21 @@ def _fake_results(gpu: bool) -> dict:
              "tolerance": flops.TF32_TOLERANCE if gpu else flops.FP32_TOLERANCE,
              "peak": None if gpu else flops.cpu_peak(cores=2, override_gflops=240.0)}
     flops.choose_floor(floor)
-    record = {"in_loop": [0.5, 0.6], "calls": [0.4, 0.5, 0.4], "seconds": 3.0, "steps": 1.5, "valid": 0.2}
-    slow = {**record, "in_loop": [1.0, 1.2], "seconds": 6.0}
     return {
-        "meta": {"date": "2026-01-01 00:00 UTC", "command": "python bench/bench.py --quick",
+        "meta": {"date": "2026-01-01 00:00 UTC", "command": "python bench/step.py --quick",
                  "mode": "quick", "device": device, "tensorflow": "x", "keras": "x", "numpy": "x",
                  "python": "x", "remark": "", "rounds": "2", "config": config.__dict__,
-                 "epoch_config": {"steps": 5, "valid_images": 200}, "inference_images": 300,
-                 "memory_steps": 3},
+                 "inference_images": 300, "memory_steps": 3},
         "floor": floor,
         "flops": {**flops.analytic_flops(), "graph_train_per_image": 1202.3e6},
-        "steps": {name: {**s, "first_call": 1.0, "note": ""} for name in bench.VARIANTS},
-        "epoch": {"product": bench.summarize_epochs([record, record], 5, 200),
-                  "baseline": bench.summarize_epochs([slow], 5, 200)},
+        "steps": {name: {**s, "first_call": 1.0, "note": ""} for name in step.VARIANTS},
         "inference": {"product": s, "baseline": {**s, "median": 1.0}},
         "manipulation": {"product": s, "baseline": {**s, "median": 20.0}},
         "memory": {"product": {"peak_rss_mb": 1, "rss_before_build_mb": 1,
                                "rss_after_build_mb": 1, "gpu_peak_mb": None},
                    "baseline": {"error": "timed out"}},
         "threads": [{"label": "default", **s}, {"label": "inter=1, intra=1", "error": "boom"}],
-        "errors": {"epoch": "ValueError: something"},
+        "errors": {"manipulation": "ValueError: something"},
     }
 
 
@@ -499,15 +466,12 @@ def test_render_every_section(gpu: bool) -> None:
     phases and failed probes without raising."""
     results = _fake_results(gpu)
     text = report.render(results)
-    for heading in ("**Floor.**", "**Training step**", "**End-to-end epoch**", "**Inference**",
+    for heading in ("**Floor.**", "**Training step**", "**Inference**",
                     "**Manipulation grid**", "**Peak memory", "**TensorFlow thread settings**",
-                    "**Targets**", "**End-to-end epoch failed**"):
+                    "**Targets**", "**Manipulation grid failed**"):
         assert heading in text
     assert "| manipulation grid speed-up | 4 | >= 20.0x | 40.00x | met |" in text
     assert "| inference speed-up | 4 | >= 1.3x | 2.00x | met |" in text
-    speedup = results["epoch"]["baseline"]["projected"] / results["epoch"]["product"]["projected"]
-    assert (f"| end-to-end epoch speed-up (projected 60k + 10k) | 4, 12 | >= 1.5x | {speedup:.2f}x | met |"
-            in text)
     assert "refused: error 8.0e-03" in text
     if gpu:
         assert "Floor = tf.matmul n=4096, 514 GFLOP/s" in text and "Theoretical" not in text
@@ -518,7 +482,7 @@ def test_render_every_section(gpu: bool) -> None:
         step_floor = results["flops"]["train_total"] * 100 / 200e9
         assert f"| training step / fp32 floor | 12 | <= 1.3x | {0.5 / step_floor:.2f}x | met |" in text
     partial = _fake_results(gpu)
-    for phase in ("steps", "epoch", "inference", "manipulation", "memory", "threads"):
+    for phase in step.PHASES:
         partial.pop(phase)
     assert "**Training step**" not in report.render(partial)
 
@@ -542,7 +506,7 @@ def test_render_replicas() -> None:
             {"kind": "cpu", "replicas": 2, "batch": 32, "ms_per_step": 738.0, "samples_per_s": 43.4,
              "strategy": "MirroredStrategy"},
             {"kind": "gpu", "replicas": 2, "batch": 300, "error": "no | GPU"}]
-    text = report.render_replicas(rows, "Fake (2 cores)", 2, None, "TensorFlow x, Keras y", "2026-01-01")
+    text = replicas.render_replicas(rows, "Fake (2 cores)", 2, None, "TensorFlow x, Keras y", "2026-01-01")
     assert "| 1 | 1 CPU device | default (one device) | 32 | 600 | 53.3 | 1.00x |" in text
     assert "| 2 | 2 logical CPU devices | MirroredStrategy | 32 | 738 | 43.4 | 0.81x |" in text
     assert "failed: no / GPU" in text and "same 2 cores" in text
@@ -556,8 +520,83 @@ def test_replicas_benchmark_runs_both_configurations(tmp_path: Path) -> None:
     from conftest import describe, run_script
 
     results = tmp_path / "RESULTS.md"
-    run = run_script("bench/replicas.py", "--steps", "1", "--warmup", "1", "--results", str(results))
+    run = run_script("bench/replicas.py", "--steps", "1", "--warmup", "1", "--results", str(results),
+                     "--write")
     assert run.returncode == 0, describe(run)
     text = results.read_text()
     assert "| 1 | 1 CPU device | default (one device) |" in text
     assert "| 2 | 2 logical CPU devices | MirroredStrategy |" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# The step's breakdown (bench/layers.py) and the epoch's report (bench/epoch.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_breakdown_times_every_part_against_its_floor() -> None:
+    """A tiny breakdown (batch 2, one round) times every part of the step, and each floor is the
+    part's work at the run's rates: FLOPs at the GEMM rate (counted here by hand) or bytes at the copy
+    rate, whichever is slower."""
+    result = layers.breakdown(batch=2, rounds=1, gemm_size=256, copy_mb=8)
+    rows = {r["part"]: r for r in result["rows"]}
+    assert list(rows) == ["conv1", "PrimaryCaps forward", "PrimaryCaps backward-input",
+                          "PrimaryCaps backward-weights", "u_hat = W u", "routing", "decoder", "losses",
+                          "Adam", "data (one batch + shifts)", "whole step"]
+    gemm, copy = result["gemm_gflops"] * 1e9, result["copy_gbytes"] * 1e9
+    assert gemm > 0 and copy > 0
+    primary = 2 * (2 * 6 * 6) * (9 * 9 * 256) * 256  # [72, 20736] x [20736, 256], one GEMM
+    for part in ("PrimaryCaps forward", "PrimaryCaps backward-input", "PrimaryCaps backward-weights"):
+        assert rows[part]["floor_ms"] == pytest.approx(primary / gemm * 1e3, rel=1e-9)
+    conv1 = 2 * 2 * 2 * (20 * 20 * 256) * (9 * 9 * 1)  # batch 2, forward + kernel gradient, 2 per MAC
+    assert rows["conv1"]["floor_ms"] == pytest.approx(conv1 / gemm * 1e3, rel=1e-9)
+    adam = 7 * 4 * 8_215_568  # read w, g, m, v and write w, m, v, float32
+    assert rows["Adam"]["floor_ms"] == pytest.approx(adam / copy * 1e3, rel=1e-6)
+    u_hat = 3 * 2 * 10 * 1152 * 16 * 4  # written once, read twice
+    u_hat_flops = 3 * 2 * 10 * 1152 * 16 * 8 * 2  # forward and two gradients
+    assert rows["u_hat = W u"]["floor_ms"] == pytest.approx(max(u_hat / copy, u_hat_flops / gemm) * 1e3,
+                                                            rel=1e-6)
+    assert rows["whole step"]["floor_ms"] == pytest.approx(
+        flops.analytic_flops()["train_total"] * 2 / gemm * 1e3, rel=1e-9)
+    for name, row in rows.items():
+        if "backward" not in name:  # differences of medians; every other part is a time
+            assert row["ms"] > 0, name
+    text = layers.render_breakdown(result, {"machine": "Fake (2 cores)", "date": "2026-01-01",
+                                            "command": "python bench/layers.py", "versions": "x"})
+    for name, row in rows.items():
+        line = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        assert f"| {row['ms'] / row['floor_ms']:.2f}x |" in line
+
+
+def test_epoch_report_compares_backends_and_the_original() -> None:
+    """bench/epoch.py's section: one row per run, each epoch against the TensorFlow CLI's, failures in
+    place, and the TensorFlow CLI's speed-up over the original formulation."""
+    results = {"tensorflow": {"epoch_s": 20.0, "process_s": 30.0, "accuracy": 0.5},
+               "jax": {"epoch_s": 25.0, "process_s": 60.0, "accuracy": 0.25},
+               "torch": {"error": "not installed"},
+               "original": {"epoch_s": 50.0, "accuracy": 0.125}}
+    meta = {"machine": "Fake (2 cores)", "date": "2026-01-01", "command": "python bench/epoch.py --dataset d",
+            "versions": "keras x", "train": 2000, "test": 500}
+    text = epoch.render(results, meta)
+    assert "| CLI on tensorflow | 20 | 1.00x | 30 | 0.5000 |" in text
+    assert "| CLI on jax | 25 | 1.25x | 60 | 0.2500 |" in text
+    assert "| CLI on torch | failed: not installed |" in text
+    assert "| original formulation, `model.fit` (TensorFlow) | 50 | 2.50x | - | 0.1250 |" in text
+    assert "over the original formulation's: **2.50x**" in text
+    assert "2000 training images = 20 steps of 100" in text
+
+
+@pytest.mark.slow
+def test_epoch_benchmark_runs_without_tensorflow(small_idx_dir: Path, tmp_path: Path) -> None:
+    """`bench/epoch.py --backends jax`, the command for a GPU machine that has JAX and no TensorFlow,
+    runs the CLI's epoch end to end (here on JAX's CPU, TensorFlow blocked) and rewrites its section
+    where `--results` says, the command shown without that path."""
+    from conftest import child_env, describe, run_script
+
+    results = tmp_path / "RESULTS.md"
+    run = run_script("tests/without_tensorflow.py", "bench/epoch.py", "--dataset", str(small_idx_dir),
+                     "--backends", "jax", "--results", str(results), "--write",
+                     env=child_env(KERAS_BACKEND="jax"), timeout=600)
+    assert run.returncode == 0, describe(run)
+    text = results.read_text()
+    assert re.search(r"^\| CLI on jax \| \d+ \| - \| \d+ \| \d\.\d{4} \|$", text, re.M), text
+    assert "--results" not in text and str(tmp_path) not in text

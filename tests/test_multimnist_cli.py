@@ -17,7 +17,7 @@ from conftest import save_npz, synthetic_raw
 from PIL import Image
 
 import capsulenet
-from capsnet import errors, multimnist, training
+from capsnet import datasets, errors, losses, multimnist, saving, training
 
 FLAGS = ["--multimnist", "--multimnist_test_pairs", "2", "--epochs", "2", "--batch_size", "20",
          "-r", "1", "--seed", "3"]
@@ -62,7 +62,7 @@ def test_two_digit_terms_by_hand() -> None:
     second = np.ones((2, 36, 36, 1), "float32")
     recon_first = np.full_like(first, 0.5)  # MSE 0.25
     recon_second = np.full_like(second, 0.9)  # MSE 0.01
-    total, margin, mse, correct = (np.asarray(t) for t in capsulenet.losses.two_digit_terms(
+    total, margin, mse, correct = (np.asarray(t) for t in losses.two_digit_terms(
         first, y, first, second, lengths, recon_first, recon_second, lam_recon=2.0))
     np.testing.assert_allclose(margin, [0.0, 0.64 + 0.32], atol=1e-6)
     np.testing.assert_allclose(mse, [0.26, 0.26], atol=1e-6)
@@ -79,8 +79,8 @@ def test_training_logs_both_digits_accuracy_and_checkpoints(straight: Path, digi
         assert (straight / name).is_file(), name
     # val_capsnet_accuracy is the both-digits-right share of the fixed test pairs, as -t computes it.
     model, eval_model, _ = capsulenet.CapsNet((36, 36, 1), 10, 1)
-    capsulenet.saving.load_weights(model, str(straight / "trained_model.weights.h5"))
-    (_, _), (x_test, y_test) = capsulenet.utils.load_dataset(str(digits))
+    saving.load_weights(model, str(straight / "trained_model.weights.h5"))
+    (_, _), (x_test, y_test) = datasets.load_dataset(str(digits))
     pairs = multimnist.test_pairs(x_test, y_test, 2)
     lengths = np.asarray(eval_model.predict(pairs.x, verbose=0)[0])
     top2 = np.sort(np.argsort(-lengths, axis=1)[:, :2], axis=1)

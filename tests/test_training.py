@@ -110,6 +110,31 @@ def test_optimizer_rate_is_lr_times_decay_per_epoch() -> None:
         assert float(optimizer.learning_rate) == pytest.approx(rate, rel=1e-6), iteration
 
 
+def test_build_makes_the_command_lines_models_optimizer_and_step() -> None:
+    """`training.build` with the defaults: the original's flags (lr 0.001 decaying x0.9 per epoch,
+    lam_recon 0.392, batch 100, 3 routings, typed here by hand), one optimizer shared by the compiled
+    model and the step; with `two_digits` the step trains the three-input MultiMNIST model."""
+    import dataclasses
+
+    from capsnet import losses
+
+    built = training.build((28, 28, 1), 10, steps_per_epoch=3)
+    assert built.model.count_params() == 8_215_568 and built.model.get_layer("digitcaps").routings == 3
+    assert built.steps.model is built.train_model is built.model and built.steps.optimizer is built.optimizer
+    assert built.model.optimizer is built.optimizer
+    assert built.steps.lam_recon == 0.392 and built.steps.batch_size == 100
+    assert built.steps.objective is losses.ONE_DIGIT
+    built.steps.build_optimizer()
+    for iteration, rate in {0: 0.001, 2: 0.001, 3: 0.0009, 6: 0.00081}.items():
+        built.optimizer.iterations.assign(iteration)
+        assert float(built.optimizer.learning_rate) == pytest.approx(rate, rel=1e-6), iteration
+    config = dataclasses.replace(training.DEFAULTS, routings=1, batch_size=5)
+    two = training.build((36, 36, 1), 10, config, steps_per_epoch=1, two_digits=True)
+    assert two.steps.model is two.train_model and two.train_model is not two.model
+    assert len(two.train_model.inputs) == 3 and two.steps.objective is losses.TWO_DIGITS
+    assert two.steps.batch_size == 5 and two.model.get_layer("digitcaps").routings == 1
+
+
 def numpy_adam(weights: np.ndarray, grads: list[np.ndarray], rate: Callable[[int], float],
                beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7) -> np.ndarray:
     """Adam (Kingma & Ba, Algorithm 1, with Keras' epsilon outside the square root) in float64."""

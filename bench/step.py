@@ -1,37 +1,35 @@
-"""Speed benchmark: this project's CapsNet against the original formulation and the FLOP floor.
+"""The training step against the original formulation and the floor, and the other single-device
+rows: inference, the manipulation grid, peak memory, TensorFlow's thread settings.
 
 One process builds every variant on synthetic MNIST-shaped data (28x28x1, 10 classes, batch 100) and
-measures them in interleaved rounds (variant A, B, C, then again), so that a machine that slows down
-or speeds up during the run affects every variant alike:
+measures them in interleaved rounds (`capsnet.machine.interleave`: variant A, B, C, then again), so
+that a machine that slows down or speeds up during the run affects every variant alike:
 
 - the floor: training FLOPs (`flops.analytic_flops`, checked on the traced step) over the best fp32
   matrix product measured in the same run, each product checked against float64 NumPy and against
   the CPU's theoretical peak (`flops.measure_floor`); every variant as a ratio to it;
 - training step: median ms after warm-up, samples/s, projected 60k-image epoch;
-- end-to-end epochs: each project's own loop with its augmentation and a validation pass, every
-  step's time taken inside the loop; projected to 60k training + 10k validation images from the
-  median step;
 - inference ms per 100 images (`eval_model.predict`), the 16 x 11 manipulation grid;
 - peak memory of a training process, one child process per variant (RSS high-water `VmHWM`, and the
   TensorFlow allocator's peak on a GPU): the high-water of one process that holds every variant
   cannot be split between them;
-- on a CPU, TensorFlow thread settings, each in a child process (they cannot change once TensorFlow
-  has started).
+- on a CPU, TensorFlow thread settings (and oneDNN off), each in a child process (they cannot change
+  once TensorFlow has started).
 
-Variants: `product` (as shipped: `capsulenet.CapsNet`, `training.make_optimizer`,
-`backends.TensorFlowSteps`, jit_compile=False), `product-xla` (the same with jit_compile=True),
-`product-mp` (`--mixed_precision`: bfloat16), `baseline` (bench/original_formulation.py: tile +
-per-sample map_fn, Python-side shifts, `model.fit` on a generator, 176 batch-1 predicts). The
-training-step rows time every variant through the same `TensorFlowSteps.train_step`, so they compare
-the model formulations; the end-to-end rows run each project's own loop.
+Variants, all built by `training.build` as the command line builds them: `product` (the CLI's step:
+`autotune.tune_model` chooses the PrimaryCaps convolution), `product-im2col` and `product-conv` (that
+choice forced), `product-xla` (jit_compile=True), `product-mp` (`--mixed_precision`: bfloat16),
+`baseline` (bench/original_formulation.py: tile + per-sample map_fn, the same weights). Every
+variant's step is timed through the same `backends.TensorFlowSteps.train_step`, so the rows compare
+the model formulations. A whole epoch is `bench/epoch.py`'s question; where the step's time goes,
+`bench/layers.py`'s.
 
 Usage:
-    python bench/bench.py              # full run, writes bench/RESULTS.md
-    python bench/bench.py --quick      # short run (~10 min on 2 CPU cores, meant to be < 3 on a GPU)
-    python bench/bench.py --steps 20 --rounds 5 --variants product,baseline
-    python bench/bench.py --quick --no_write   # print only
-    python bench/bench.py --only steps,inference --variants product,product-xla   # some rows
-    python bench/bench.py --peak_gflops 240    # when the CPU's peak is known better than estimated
+    python bench/step.py --write         # full run, rewrites this machine's section of RESULTS.md
+    python bench/step.py --quick         # short run, printed only
+    python bench/step.py --steps 20 --rounds 5 --variants product,product-im2col,product-conv,baseline
+    python bench/step.py --only steps,inference --variants product,product-xla
+    python bench/step.py --peak_gflops 240    # when the CPU's peak is known better than estimated
 """
 
 from __future__ import annotations
@@ -40,6 +38,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import io
 import json
 import platform
@@ -49,7 +48,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,24 +56,22 @@ import common
 import flops
 import numpy as np
 import report
-from common import BATCH, EPOCH_IMAGES, INPUT_SHAPE, N_CLASS, ROUTINGS
-
-common.use_repo()  # the product's modules, imported below by bare name as the product imports them
+from common import BATCH
 
 try:
     import tensorflow as tf
 except ImportError as e:
-    raise ImportError("bench/bench.py needs TensorFlow (pip install -r requirements.txt); on a machine "
-                      "without it, bench/backend_epoch.py measures the model on JAX or PyTorch") from e
+    raise ImportError("bench/step.py needs TensorFlow (pip install -r requirements.txt); on a machine "
+                      "without it, bench/epoch.py measures the CLI's epoch on JAX or PyTorch") from e
 import keras  # noqa: E402
 import original_formulation as original  # noqa: E402
 
 import capsulenet  # noqa: E402
-from capsnet import backends, training  # noqa: E402
-from capsnet.backup import Backup  # noqa: E402
+from capsnet import machine  # noqa: E402
 
-VARIANTS = ("product", "baseline", "product-xla", "product-mp")
-PHASES = ("steps", "epoch", "inference", "manipulation", "memory", "threads")
+VARIANTS = ("product", "baseline", "product-xla", "product-mp", "product-im2col", "product-conv")
+DEFAULT_VARIANTS = VARIANTS[:4]
+PHASES = ("steps", "inference", "manipulation", "memory", "threads")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,83 +81,34 @@ PHASES = ("steps", "epoch", "inference", "manipulation", "memory", "threads")
 
 @dataclasses.dataclass
 class Variant:
-    """One formulation under test: its three models, the step it is timed through and, for the
-    product, the training loop it ships with (`trainer`)."""
+    """One formulation under test: what `training.build` returned for it, and how it was built."""
 
     name: str
     kind: str  # 'product' or 'baseline'
-    train_model: keras.Model
-    eval_model: keras.Model
-    manipulate_model: keras.Model
-    steps: backends.TensorFlowSteps
-    trainer: training.Trainer | None
+    built: Any  # training.Built
     note: str = ""
 
-
-def train_config(save_dir: str) -> training.TrainConfig:
-    """The product's default flags (batch 100, lr 0.001 x 0.9 per epoch, lam_recon 0.392, shifts 0.1)."""
-    return training.TrainConfig(batch_size=BATCH, seed=0, save_dir=save_dir)
-
-
-@contextlib.contextmanager
-def precision_policy(name: str | None) -> Iterator[None]:
-    """Sets Keras' global dtype policy for the models built inside, then restores float32."""
-    if name is None:
-        yield
-        return
-    keras.mixed_precision.set_global_policy(name)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    @property
+    def steps(self) -> Any:
+        return self.built.steps
 
 
-def build_product(config: training.TrainConfig, name: str = "product", jit_compile: bool = False,
-                  policy: str | None = None) -> Variant:
-    """The product as `capsulenet.run` builds it (model, optimizer, compile), its steps and its loop."""
-    with precision_policy(policy):
-        model, eval_model, manipulate_model = capsulenet.CapsNet(INPUT_SHAPE, N_CLASS, ROUTINGS)
-        optimizer = training.make_optimizer(config.lr, config.lr_decay, EPOCH_IMAGES // BATCH)
-    capsulenet.compile_like_original(model, optimizer, config.lam_recon)
-    if jit_compile:
-        eval_model.jit_compile = True  # inference through XLA too
-    steps = backends.TensorFlowSteps(model, optimizer, config.lam_recon, config.batch_size,
-                                     jit_compile=jit_compile)
-    steps.build_optimizer()
-    # is_chief=False: no progress bar; the backup folder is never written by train_epoch/evaluate.
-    trainer = training.Trainer(model, optimizer, steps, config, Backup(Path(config.save_dir) / "backup"),
-                               is_chief=False, weights_model=eval_model)
-    note = f"jit_compile={jit_compile}" + (f", policy {policy}" if policy else "")
-    return Variant(name, "product", model, eval_model, manipulate_model, steps, trainer, note)
-
-
-def build_baseline(config: training.TrainConfig, source: keras.Model | None = None) -> Variant:
-    """The original formulation, compiled as the original (its `model.fit` losses), without XLA
-    (TensorFlow 1.x had none); `source`'s weights copied in when given."""
-    model, eval_model, manipulate_model = original.OriginalCapsNet(INPUT_SHAPE, N_CLASS, ROUTINGS)
-    if source is not None:
-        original.copy_weights(source, model)
-    optimizer = training.make_optimizer(config.lr, config.lr_decay, EPOCH_IMAGES // BATCH)
-    capsulenet.compile_like_original(model, optimizer, config.lam_recon)
-    for m in (model, eval_model, manipulate_model):
-        m.jit_compile = False  # "auto" would pick XLA on a GPU
-    steps = backends.TensorFlowSteps(model, optimizer, config.lam_recon, config.batch_size)
-    steps.build_optimizer()
-    note = f"tile + map_fn u_hat, {original.shift_backend()} per-image shifts, no XLA"
-    return Variant("baseline", "baseline", model, eval_model, manipulate_model, steps, None, note)
-
-
-def build_variant(name: str, config: training.TrainConfig, source: keras.Model | None) -> Variant:
-    """`product`, `product-xla`, `product-mp` or `baseline` (with `source`'s weights)."""
-    if name == "product":
-        return build_product(config, name)
-    if name == "product-xla":
-        return build_product(config, name, jit_compile=True)
-    if name == "product-mp":
-        return build_product(config, name, policy=capsulenet.mixed_precision_policy())
+def build_variant(name: str, source: keras.Model | None = None) -> Variant:
+    """One of `VARIANTS`; the baseline starts from `source`'s weights when given."""
     if name == "baseline":
-        return build_baseline(config, source)
-    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        note = f"tile + map_fn u_hat, {original.shift_backend()} per-image shifts, no XLA"
+        return Variant(name, "baseline", common.build_original(source=source), note)
+    options = {"product": {}, "product-xla": {"jit_compile": True},
+               "product-mp": {"policy": capsulenet.mixed_precision_policy()},
+               "product-im2col": {"implementation": "im2col"},
+               "product-conv": {"implementation": "conv"}}
+    if name not in options:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    built = common.build_product(**options[name])
+    if options[name].get("jit_compile"):
+        built.eval_model.jit_compile = True  # inference through XLA too
+    note = ", ".join(f"{k}={v}" for k, v in options[name].items()) or "as the CLI (autotuned)"
+    return Variant(name, "product", built, note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,134 +124,9 @@ def train_step_seconds(variant: Variant, x: Any, y: Any) -> float:
     return time.perf_counter() - start
 
 
-class StepClock:
-    """When each training step of a loop started and ended (`time.perf_counter` seconds)."""
-
-    def __init__(self) -> None:
-        self.starts: list[float] = []
-        self.ends: list[float] = []
-
-    def in_loop(self) -> list[float]:
-        """Each step's time in the loop: from its start to the next step's start (waiting for the
-        next batch included); the last step has no successor and is left out."""
-        return list(np.diff(self.starts))
-
-    def calls(self) -> list[float]:
-        """Each step call alone, the wait for data excluded."""
-        return [end - start for start, end in zip(self.starts, self.ends, strict=True)]
-
-
-class ClockedSteps:
-    """The product's steps object with each `train` call recorded on a `StepClock`, so that
-    `training.Trainer.train_epoch` runs unchanged while its steps are timed from inside."""
-
-    def __init__(self, steps: Any, clock: StepClock) -> None:
-        self.inner = steps
-        self.clock = clock
-
-    def train(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        self.clock.starts.append(time.perf_counter())
-        values = self.inner.train(x, y)  # NumPy values: the step has finished
-        self.clock.ends.append(time.perf_counter())
-        return values
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-class ClockCallback(keras.callbacks.Callback):
-    """The same for `model.fit`: records every training batch and the validation pass.
-
-    Overriding `on_train_batch_end` makes Keras call it synchronously with the logs converted to
-    Python numbers, i.e. after the step has finished.
-    """
-
-    def __init__(self, clock: StepClock) -> None:
-        super().__init__()
-        self.clock = clock
-        self.valid = (0.0, 0.0)
-
-    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        self.clock.starts.append(time.perf_counter())
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.clock.ends.append(time.perf_counter())
-
-    def on_test_begin(self, logs: dict | None = None) -> None:
-        self.valid = (time.perf_counter(), 0.0)
-
-    def on_test_end(self, logs: dict | None = None) -> None:
-        self.valid = (self.valid[0], time.perf_counter())
-
-
-def epoch_data(steps: int, valid_images: int, seed: int) -> dict[str, np.ndarray]:
-    """Synthetic training data for `steps` batches and `valid_images` validation images."""
-    x, y = common.synthetic_data(steps * BATCH + valid_images, seed=seed)
-    n = steps * BATCH
-    return {"x_train": x[:n], "y_train": y[:n], "x_valid": x[n:], "y_valid": y[n:]}
-
-
-def run_epoch(variant: Variant, data: dict[str, np.ndarray], epoch: int) -> dict[str, Any]:
-    """One epoch end to end as each project runs it: shifted training batches, then validation.
-
-    The product: `Trainer.train_epoch` (shuffled batches shifted by `batches.shift_images`, made
-    ahead in a thread) and `Trainer.evaluate`; the baseline: `model.fit` on the original's Python
-    generator with `validation_data`, as the original did. No checkpoints or logs in either.
-
-    Returns:
-        `{'seconds'` (the whole epoch), `'steps'` (from the first step's start to the last one's
-        end), `'valid'` (the validation pass), `'in_loop'`, `'calls'` (per step, see `StepClock`)`}`.
-    """
-    clock = StepClock()
-    start = time.perf_counter()
-    if variant.kind == "product":
-        trainer = variant.trainer
-        trainer.steps = ClockedSteps(variant.steps, clock)
-        try:
-            trainer.train_epoch(data["x_train"], data["y_train"], epoch=epoch, seed=0)
-        finally:
-            trainer.steps = variant.steps
-        valid_start = time.perf_counter()
-        trainer.evaluate(data["x_valid"], data["y_valid"])
-        end = time.perf_counter()
-        valid = end - valid_start
-    else:
-        x_train, y_train, x_valid, y_valid = (data[k] for k in ("x_train", "y_train", "x_valid", "y_valid"))
-        callback = ClockCallback(clock)
-        generator = original.train_generator(x_train, y_train, BATCH, 0.1, seed=epoch)
-        variant.train_model.fit(generator, steps_per_epoch=len(x_train) // BATCH, epochs=1,
-                                validation_data=((x_valid, y_valid), (y_valid, x_valid)),
-                                validation_batch_size=BATCH, shuffle=False, verbose=0,
-                                callbacks=[callback])
-        end = time.perf_counter()
-        valid = callback.valid[1] - callback.valid[0]
-    return {"seconds": end - start, "steps": clock.ends[-1] - clock.starts[0], "valid": valid,
-            "in_loop": clock.in_loop(), "calls": clock.calls()}
-
-
-def project_epoch(per_step: float, other: float, valid: float, valid_images: int) -> float:
-    """Seconds of a 60k-image epoch with its 10k-image validation: 600 x the median step in the loop,
-    the epoch's `other` seconds (neither steps nor validation: set-up, teardown), and `valid` seconds
-    to validate `valid_images` images scaled to 10k."""
-    return other + EPOCH_IMAGES / BATCH * per_step + valid * common.VALID_IMAGES / valid_images
-
-
-def summarize_epochs(records: list[dict[str, Any]], steps: int, valid_images: int) -> dict[str, Any]:
-    """The epochs of one variant (`run_epoch` records): per-step statistics pooled over all of them,
-    medians of the rest, and the projected 60k + 10k epoch."""
-    per_step = common.summarize([t for r in records for t in r["in_loop"]])
-    other = statistics.median(r["seconds"] - r["steps"] - r["valid"] for r in records)
-    valid = statistics.median(r["valid"] for r in records)
-    return {"n": len(records), "steps": steps, "per_step": per_step,
-            "call": common.summarize([t for r in records for t in r["calls"]]),
-            "seconds": common.summarize([r["seconds"] for r in records]),
-            "other": other, "valid": valid,
-            "projected": project_epoch(per_step["median"], other, valid, valid_images)}
-
-
 def predict_seconds(variant: Variant, x: np.ndarray) -> float:
     """`eval_model.predict` over `x` in batches of 100, as the test command does."""
-    return common.timed(lambda: variant.eval_model.predict(x, batch_size=BATCH, verbose=0))
+    return common.timed(lambda: variant.built.eval_model.predict(x, batch_size=BATCH, verbose=0))
 
 
 def manipulation_seconds(variant: Variant, x: np.ndarray, y: np.ndarray, save_dir: str) -> float:
@@ -313,9 +136,10 @@ def manipulation_seconds(variant: Variant, x: np.ndarray, y: np.ndarray, save_di
     start = time.perf_counter()
     if variant.kind == "product":
         with contextlib.redirect_stdout(io.StringIO()):  # its begin/end banner lines
-            capsulenet.manipulate_latent(variant.manipulate_model, (x, y), common.DIGIT, save_dir, rng=rng)
+            capsulenet.manipulate_latent(variant.built.manipulate_model, (x, y), common.DIGIT, save_dir,
+                                         rng=rng)
     else:
-        original.manipulate_latent(variant.manipulate_model, x, y, common.DIGIT, save_dir, rng)
+        original.manipulate_latent(variant.built.manipulate_model, x, y, common.DIGIT, save_dir, rng)
     return time.perf_counter() - start
 
 
@@ -331,9 +155,6 @@ class Config:
     steps: int
     rounds: int
     warmup: int
-    epoch_steps: int
-    epoch_rounds: int
-    valid_images: int
     inference_images: int
     gemm_sizes: tuple[int, ...]
     gemm_repeats: int
@@ -347,17 +168,15 @@ def make_config(args: argparse.Namespace, gpu: bool) -> Config:
     """Defaults per mode and device (a GPU step is ~50x shorter, so it affords more steps)."""
     if args.quick:
         config = Config(steps=20 if gpu else 3, rounds=2, warmup=3 if gpu else 1,
-                        epoch_steps=50 if gpu else 8, epoch_rounds=2,
-                        valid_images=1000 if gpu else 200, inference_images=1000 if gpu else 200,
+                        inference_images=1000 if gpu else 200,
                         gemm_sizes=(4096,) if gpu else (2048,), gemm_repeats=3, memory_steps=3,
                         min_slow_steps=1, inference_calls=3, thread_rounds=1)
     else:
         config = Config(steps=50 if gpu else 10, rounds=3, warmup=5 if gpu else 2,
-                        epoch_steps=200 if gpu else 30, epoch_rounds=2,
-                        valid_images=2000 if gpu else 1000, inference_images=2000 if gpu else 500,
+                        inference_images=2000 if gpu else 500,
                         gemm_sizes=(4096, 8192) if gpu else (2048, 4096), gemm_repeats=5,
                         memory_steps=5, min_slow_steps=2, inference_calls=3, thread_rounds=2)
-    for name in ("steps", "rounds", "epoch_steps", "epoch_rounds"):
+    for name in ("steps", "rounds"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     return config
@@ -392,37 +211,18 @@ def measure_steps(variants: dict[str, Variant], config: Config, x: Any, y: Any,
     fastest = min(warm.values())
     counts = {name: config.steps if t < 3 * fastest else max(config.min_slow_steps, config.steps // 4)
               for name, t in warm.items()}
-    # XLA variants after the others, not interleaved with them: measured here, a step of the product
-    # right after an XLA step ran ~20% slower (906 against 743 ms, 2026-11-28, 2-core Xeon), as XLA's
-    # own CPU threads still held the cores.
-    xla = [name for name, v in variants.items() if v.note.startswith("jit_compile=True")]
+    # XLA variants after the others, not interleaved with them: XLA's own CPU threads keep the cores
+    # busy after its step, which slowed the step that followed it (bench/RESULTS.md, notes).
+    xla = [name for name, v in variants.items() if "jit_compile=True" in v.note]
     samples: dict[str, list[float]] = {}
     for group in ([name for name in variants if name not in xla], xla):
         if group:
-            samples.update(common.interleave(group, config.rounds,
-                                             lambda name, r: [train_step_seconds(variants[name], x, y)
-                                                              for _ in range(counts[name])], log))
+            fns = {name: functools.partial(lambda name: [train_step_seconds(variants[name], x, y)
+                                                         for _ in range(counts[name])], name)
+                   for name in group}
+            samples.update(common.interleave(fns, config.rounds, log, self_timed=True))
     return {name: {**common.summarize(samples[name]), "first_call": first[name],
                    "note": variants[name].note} for name in variants}
-
-
-def measure_epochs(variants: dict[str, Variant], config: Config, log: Callable[[str], None]
-                   ) -> dict[str, dict[str, Any]]:
-    """End-to-end epochs of `product` and `baseline`, interleaved, after a 2-step warm-up epoch that
-    traces every function; see `run_epoch` and `summarize_epochs`."""
-    names = [n for n in ("product", "baseline") if n in variants]
-    data = epoch_data(config.epoch_steps, config.valid_images, seed=3)
-    for name in names:
-        run_epoch(variants[name], epoch_data(2, config.valid_images, seed=5), epoch=99)
-    records: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-
-    def measure(name: str, r: int) -> list[float]:
-        records[name].append(run_epoch(variants[name], data, epoch=r))
-        return records[name][-1]["in_loop"]
-
-    common.interleave(names, config.epoch_rounds, measure, log)
-    return {name: summarize_epochs(records[name], config.epoch_steps, config.valid_images)
-            for name in names}
 
 
 def measure_inference(variants: dict[str, Variant], config: Config, log: Callable[[str], None]
@@ -433,8 +233,10 @@ def measure_inference(variants: dict[str, Variant], config: Config, log: Callabl
     x, _ = common.synthetic_data(config.inference_images, seed=4)
     for name in names:
         predict_seconds(variants[name], x[:BATCH])
-    samples = common.interleave(names, max(2, config.rounds), lambda name, r: [
-        predict_seconds(variants[name], x) * BATCH / len(x) for _ in range(config.inference_calls)], log)
+    fns = {name: functools.partial(lambda name: [predict_seconds(variants[name], x) * BATCH / len(x)
+                                                 for _ in range(config.inference_calls)], name)
+           for name in names}
+    samples = common.interleave(fns, max(2, config.rounds), log, self_timed=True)
     return {name: common.summarize(samples[name]) for name in names}
 
 
@@ -444,12 +246,8 @@ def measure_manipulation(variants: dict[str, Variant], config: Config, log: Call
     names = [n for n in ("product", "baseline") if n in variants]
     x, y = common.synthetic_data(200, seed=5)
     with tempfile.TemporaryDirectory() as tmp:
-        def run(name: str, r: int) -> list[float]:
-            return [manipulation_seconds(variants[name], x, y, tmp)]
-
-        for name in names:
-            run(name, 0)
-        samples = common.interleave(names, max(2, config.rounds), run, log)
+        fns = {name: functools.partial(manipulation_seconds, variants[name], x, y, tmp) for name in names}
+        samples = common.interleave(fns, max(2, config.rounds), log, warmup=1)
     return {name: common.summarize(samples[name]) for name in names}
 
 
@@ -457,8 +255,8 @@ def measure_memory(names: Sequence[str], config: Config, log: Callable[[str], No
                    ) -> dict[str, dict[str, Any]]:
     """Peak memory of one training process per variant, each in a fresh child process. They run
     side by side (each measures only itself; nothing is timed), which keeps a GPU run short."""
-    children = {name: common.start_child("bench.py", ["--probe", "memory", "--variant", name,
-                                                      "--steps", str(config.memory_steps)])
+    children = {name: common.start_child("step.py", ["--probe", "memory", "--variant", name,
+                                                     "--steps", str(config.memory_steps)])
                 for name in names}
     memory = {}
     for name, child in children.items():
@@ -488,8 +286,8 @@ def measure_threads(config: Config, cores: int, log: Callable[[str], None]) -> l
     for r in range(config.thread_rounds):
         shift = r % len(configs)
         for label, inter, intra, env in configs[shift:] + configs[:shift]:
-            result = common.run_child("bench.py", ["--probe", "threads", "--inter", str(inter), "--intra",
-                                                   str(intra), "--steps", str(max(3, config.steps))], env=env)
+            result = common.run_child("step.py", ["--probe", "threads", "--inter", str(inter), "--intra",
+                                                  str(intra), "--steps", str(max(3, config.steps))], env=env)
             if "error" in result:
                 errors[label] = result["error"]
             else:
@@ -514,12 +312,14 @@ def gpu_peak_mb() -> float | None:
 
 
 def probe_memory(variant_name: str, steps: int) -> dict[str, Any]:
-    """Child: builds one variant, trains `steps` steps end to end and validates 100 images."""
+    """Child: builds one variant, trains `steps` steps and validates 100 images."""
     before = common.rss_mb()  # TensorFlow and Keras imported, nothing built
-    with tempfile.TemporaryDirectory() as tmp:
-        variant = build_variant(variant_name, train_config(tmp), source=None)
-        built = common.rss_mb()
-        run_epoch(variant, epoch_data(steps, BATCH, seed=1), epoch=0)
+    variant = build_variant(variant_name)
+    built = common.rss_mb()
+    x, y = common.synthetic_data((steps + 1) * BATCH, seed=1)
+    for i in range(steps):
+        variant.steps.train(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH])
+    variant.steps.evaluate(x[-BATCH:], y[-BATCH:])
     return {"variant": variant_name, "rss_before_build_mb": before, "rss_after_build_mb": built,
             "peak_rss_mb": common.peak_rss_mb(), "gpu_peak_mb": gpu_peak_mb()}
 
@@ -528,12 +328,11 @@ def probe_threads(inter: int, intra: int, steps: int) -> dict[str, Any]:
     """Child: the product's training step under the given TensorFlow thread settings."""
     tf.config.threading.set_inter_op_parallelism_threads(inter)
     tf.config.threading.set_intra_op_parallelism_threads(intra)
-    with tempfile.TemporaryDirectory() as tmp:
-        variant = build_product(train_config(tmp))
-        x, y = (tf.constant(a) for a in common.synthetic_data(BATCH, seed=2))
-        for _ in range(2):  # trace, then one warm step
-            train_step_seconds(variant, x, y)
-        times = [train_step_seconds(variant, x, y) for _ in range(steps)]
+    variant = build_variant("product")
+    x, y = (tf.constant(a) for a in common.synthetic_data(BATCH, seed=2))
+    for _ in range(2):  # trace, then one warm step
+        train_step_seconds(variant, x, y)
+    times = [train_step_seconds(variant, x, y) for _ in range(steps)]
     return {"inter": inter, "intra": intra, "times": times}
 
 
@@ -545,7 +344,7 @@ def probe_threads(inter: int, intra: int, steps: int) -> dict[str, Any]:
 def describe_device() -> dict[str, Any]:
     """`{'kind': 'GPU'|'CPU', 'name', 'cpu', 'cores', 'key'}`; the GPU's name from TensorFlow."""
     gpus = tf.config.list_physical_devices("GPU")
-    cpu = f"{common.cpu_model()} ({common.cpu_cores()} cores)"
+    cpu = common.machine_name()
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
         name = details.get("device_name", gpus[0].name)
@@ -554,8 +353,8 @@ def describe_device() -> dict[str, Any]:
         kind = "GPU"
     else:
         name, kind = cpu, "CPU"
-    return {"kind": kind, "name": name, "cpu": cpu, "cores": common.cpu_cores(),
-            "key": common.machine_key(f"{kind} {name}")}
+    return {"kind": kind, "name": name, "cpu": cpu, "cores": machine.cpu_cores(),
+            "key": common.slug(f"{kind} {name}")}
 
 
 def enable_memory_growth() -> None:
@@ -572,9 +371,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short run")
     parser.add_argument("--steps", type=int, help="timed training steps per variant and round")
     parser.add_argument("--rounds", type=int, help="interleaved rounds")
-    parser.add_argument("--epoch_steps", type=int, help="training steps per end-to-end epoch")
-    parser.add_argument("--epoch_rounds", type=int, help="interleaved rounds of end-to-end epochs")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--threads", choices=("auto", "yes", "no"), default="auto",
                         help="thread-setting sweep (auto: on CPUs only)")
@@ -584,9 +381,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="the CPU's theoretical fp32 peak, when known better than the estimate "
                              "from /proc/cpuinfo (matrix products above it are refused as the floor)")
     parser.add_argument("--no_memory", action="store_true", help="skip the memory probes")
-    parser.add_argument("--no_write", action="store_true", help="do not write bench/RESULTS.md")
     parser.add_argument("--write", action="store_true",
-                        help="write bench/RESULTS.md even for a partial run (--only)")
+                        help="rewrite this device's section of bench/RESULTS.md (a full run only: a partial "
+                             "one, --only, would replace a full section with a few rows)")
     parser.add_argument("--results", default=str(common.RESULTS_PATH), help="Markdown file to update")
     parser.add_argument("--json", help="also write the raw results to this JSON file")
     parser.add_argument("--remark", default="", help="a note written under the heading")
@@ -649,34 +446,31 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, An
     keras.utils.set_random_seed(0)
     results: dict[str, Any] = {"meta": {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python bench/bench.py " + shlex.join(argv),
+        "command": "python bench/step.py " + shlex.join(argv),
         "mode": "quick" if args.quick else "full", "device": device,
         "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "remark": args.remark,
-        "rounds": f"{config.rounds} (steps), {config.epoch_rounds} (epochs)",
-        "epoch_config": {"steps": config.epoch_steps, "valid_images": config.valid_images},
+        "rounds": str(config.rounds),
         "inference_images": config.inference_images, "memory_steps": config.memory_steps,
         "config": dataclasses.asdict(config)}}
     log("Floor: best fp32 matrix product ...")
     results["floor"] = measure_floor(config, device, args.peak_gflops)
     log_floor(results["floor"], log)
-    in_process = [p for p in phases if p in ("steps", "epoch", "inference", "manipulation")]
-    with tempfile.TemporaryDirectory() as tmp:
-        variants: dict[str, Variant] = {}
-        for name in args.variant_list:
-            source = variants["product"].train_model if "product" in variants else None
-            variants[name] = build_variant(name, train_config(tmp), source)
-        x, y = (tf.constant(a) for a in common.synthetic_data(BATCH, seed=6))
-        results["flops"] = count_flops(variants["product"], x, y) if "product" in variants \
-            else flops.analytic_flops()
-        measures = {
-            "steps": lambda: measure_steps(variants, config, x, y, log),
-            "epoch": lambda: measure_epochs(variants, config, log),
-            "inference": lambda: measure_inference(variants, config, log),
-            "manipulation": lambda: measure_manipulation(variants, config, log),
-        }
-        for phase in in_process:
-            run_phase(results, phase, measures[phase], log)
+    in_process = [p for p in phases if p in ("steps", "inference", "manipulation")]
+    variants: dict[str, Variant] = {}
+    for name in args.variant_list:
+        source = variants["product"].built.model if "product" in variants else None
+        variants[name] = build_variant(name, source)
+    x, y = (tf.constant(a) for a in common.synthetic_data(BATCH, seed=6))
+    results["flops"] = count_flops(variants["product"], x, y) if "product" in variants \
+        else flops.analytic_flops()
+    measures = {
+        "steps": lambda: measure_steps(variants, config, x, y, log),
+        "inference": lambda: measure_inference(variants, config, log),
+        "manipulation": lambda: measure_manipulation(variants, config, log),
+    }
+    for phase in in_process:
+        run_phase(results, phase, measures[phase], log)
     # The products again after the work, in case the machine was busier at the start; best of both.
     log("Floor again ...")
     results["floor"] = flops.merge_floors(results["floor"],
@@ -694,8 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if keras.backend.backend() != "tensorflow":
-        sys.exit(f"bench/bench.py measures the product's TensorFlow training path; KERAS_BACKEND is "
-                 f"{keras.backend.backend()!r}. Unset it, or use bench/backend_epoch.py for other backends.")
+        sys.exit(f"bench/step.py measures the product's TensorFlow training path; KERAS_BACKEND is "
+                 f"{keras.backend.backend()!r}. Unset it, or use bench/epoch.py for other backends.")
     if args.probe == "threads":  # before anything starts TensorFlow's thread pools
         print(json.dumps(probe_threads(args.inter, args.intra, args.steps or 5)))
         return 0
@@ -709,12 +503,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(section)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
-    if args.no_write or (args.only and not args.write):
-        # A partial run would replace this device's full section with a few rows.
-        print(f"Not written to {args.results}" + (" (partial run: add --write)" if args.only else ""))
-    else:
-        report.write_results(section, results["meta"]["device"]["key"], Path(args.results))
+    if args.write and not args.only:
+        common.write_section(Path(args.results), "step", results["meta"]["device"]["key"], section,
+                             report.INTRO)
         print(f"Written to {args.results}")
+    else:
+        print(f"Not written to {args.results}" + (" (a partial run never is)" if args.only else
+                                                    " (add --write)"))
     return 0
 
 
