@@ -175,7 +175,7 @@ class Run:
 @dataclasses.dataclass(frozen=True)
 class LogSummary:
     """A run's `log.csv` in test errors: 100 × (1 − val_capsnet_accuracy), the test set being the
-    validation data, as in the original)."""
+    validation data, as in the original."""
 
     epochs: int
     final_error: float
@@ -196,6 +196,7 @@ class RunResult:
     log: LogSummary | None
     seconds: tuple[float, ...]  # per epoch, from stdout.log
     record: dict[str, Any]  # run.json, empty when the folder was not made by this harness
+    folder: Path | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +379,7 @@ def collect(out: Path, epochs_wanted: int | None = None) -> list[RunResult]:
         else:
             status = "ok"
         results.append(RunResult(folder.name, variant, int(seed), status, status == "ok", failed, log,
-                                 epoch_seconds(folder / "stdout.log"), record))
+                                 epoch_seconds(folder / "stdout.log"), record, folder))
     return sorted(results, key=lambda r: (r.variant, r.seed))
 
 
