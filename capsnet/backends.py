@@ -95,7 +95,8 @@ class TensorFlowSteps(Steps):
     Args:
         model, optimizer, lam_recon, batch_size, objective: see `make_steps`.
         strategy: the `tf.distribute` strategy; the current one (one device) by default.
-        jit_compile: compile the steps with XLA (measured ~20x slower on a 2-core CPU: off by default).
+        jit_compile: compile the steps with XLA (off by default: on CPUs XLA compiles the backward of
+            the strided 9x9 convolution into a far slower step; measure before turning it on).
     """
 
     def __init__(self, model: keras.Model, optimizer: Any, lam_recon: float, batch_size: int,

@@ -27,7 +27,7 @@ Usage (from the repository root)::
     python experiments/reproduce.py ... -- --batch_size 50 --mixed_precision   # extra CLI flags
     python experiments/reproduce.py --table_only --out experiments/runs/mnist  # rebuild results.md
     KERAS_BACKEND=jax python experiments/reproduce.py --dataset mnist.npz --variants v1,v2,v3,baseline \
-        --parallel 6 --stop_after 780 --out experiments/runs/mnist-jax-h200 \
+        --parallel 6 --stop_after 780 --out experiments/runs/mnist-jax \
         -- --steps_per_execution 20     # one GPU window: rerun it in the next window to continue
 
 The harness imports neither Keras nor a backend: it starts processes and reads CSV files, so that it
