@@ -2,7 +2,11 @@
 `tests/test_multistep.py` (the backend is chosen when Keras is imported, so each backend is its own
 process).
 
-Usage: KERAS_BACKEND=jax python tests/multistep_run.py OUT
+Usage: KERAS_BACKEND=jax python tests/multistep_run.py OUT [--replicas 2]
+
+`--replicas 2`: data-parallel over two CPU devices (TensorFlow: `MirroredStrategy` over two logical
+CPUs; JAX: `keras.distribution.DataParallel`, with `XLA_FLAGS=--xla_force_host_platform_device_count=2`
+set by the caller), each step's batch of 10 split 5 + 5.
 
 Writes `OUT/NAME/log.csv`, `OUT/NAME/weights.npz` and `OUT/NAME/calls.json` (the steps of each
 `train_many` call, one line per process) for each run, all from the same seed and data
@@ -17,9 +21,11 @@ epoch, 2 epochs, `lr_decay` 0.5, shifts on):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -44,16 +50,35 @@ def data() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]
             (x_test[..., None].astype("float32") / 255, onehot[y_test]))
 
 
-def fit(save_dir: Path, epochs: int, per_call: int) -> keras.Model:
+def data_parallel(replicas: int) -> Any:
+    """Sets up `replicas` CPU devices; returns the TensorFlow strategy (None elsewhere)."""
+    if replicas == 1:
+        return None
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+        return tf.distribute.MirroredStrategy([f"CPU:{i}" for i in range(replicas)])
+    import jax
+
+    devices = jax.devices()[:replicas]
+    assert len(devices) == replicas, "set XLA_FLAGS=--xla_force_host_platform_device_count"
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    return None
+
+
+def fit(save_dir: Path, epochs: int, per_call: int, strategy: Any = None) -> keras.Model:
     """A fresh model and optimizer (same seed each time) trained until `epochs` through the Trainer,
     resuming whatever `save_dir/backup` holds."""
     save_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(SEED)
-    model = baseline_cnn((14, 14, 1), 2, conv_channels=(4, 4, 2), dense_units=(8, 6))
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = baseline_cnn((14, 14, 1), 2, conv_channels=(4, 4, 2), dense_units=(8, 6))
+        optimizer = training.make_optimizer(0.01, 0.5, steps_per_epoch=7)
     config = training.TrainConfig(epochs=epochs, batch_size=BATCH, lr=0.01, lr_decay=0.5, seed=SEED,
                                   save_dir=str(save_dir), steps_per_execution=per_call)
-    optimizer = training.make_optimizer(config.lr, config.lr_decay, steps_per_epoch=7)
-    steps = backends.make_steps(model, optimizer, 0.0, BATCH, objective=losses.CLASSIFIER)
+    steps = backends.make_steps(model, optimizer, 0.0, BATCH, strategy, objective=losses.CLASSIFIER)
     calls: list[int] = []  # the steps of each train_many call, to show which path ran
     train_many = steps.train_many
 
@@ -75,7 +100,8 @@ def save(model: keras.Model, save_dir: Path) -> None:
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
+    strategy = data_parallel(int(sys.argv[3]) if sys.argv[2:3] == ["--replicas"] else 1)
     for name, per_call in (("k1", 1), ("k3", 3)):
-        save(fit(out / name, 2, per_call), out / name)
-    fit(out / "k3_resumed", 1, 3)
-    save(fit(out / "k3_resumed", 2, 3), out / "k3_resumed")
+        save(fit(out / name, 2, per_call, strategy), out / name)
+    fit(out / "k3_resumed", 1, 3, strategy)
+    save(fit(out / "k3_resumed", 2, 3, strategy), out / "k3_resumed")

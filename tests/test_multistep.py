@@ -2,9 +2,9 @@
 loop, a plain loop on PyTorch) train exactly as one step per call: the same `log.csv` (losses,
 accuracies, the learning rate per epoch) and the same weights, also across a resume from the backup.
 
-Each backend is its own process (`tests/multistep_run.py`): a small baseline CNN with dropout, 7 steps
-of 10 images per epoch, 2 epochs, K = 3 (calls of 3, 3 and 1 steps: the last call of an epoch takes
-what remains). Dropout makes the check stricter: the random generator's state must advance through
+Each backend is its own process (`tests/multistep_run.py`; TensorFlow and JAX also on two CPU
+devices): a small baseline CNN with dropout, 7 steps of 10 images per epoch, 2 epochs, K = 3 (calls of
+3, 3 and 1 steps: the last call of an epoch takes what remains). Dropout makes the check stricter: the random generator's state must advance through
 the K-step call as through K single steps.
 """
 
@@ -23,10 +23,16 @@ LOG_COLUMNS = ["epoch", "loss", "capsnet_loss", "decoder_loss", "capsnet_accurac
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
-def test_k_steps_per_call_log_the_same_as_one_step_per_call(backend: str, tmp_path: Path) -> None:
-    result = run_script("tests/multistep_run.py", str(tmp_path),
-                        env=child_env(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3"), timeout=600)
+@pytest.mark.parametrize(("backend", "replicas"), [("tensorflow", 1), ("jax", 1), ("torch", 1),
+                                                   ("tensorflow", 2), ("jax", 2)])
+def test_k_steps_per_call_log_the_same_as_one_step_per_call(backend: str, replicas: int,
+                                                            tmp_path: Path) -> None:
+    """Also data-parallel over two CPU devices (TensorFlow's `MirroredStrategy`, JAX's `DataParallel`):
+    the stacked batches are split along their batch axis, not the step axis."""
+    env = child_env(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
+                    XLA_FLAGS=f"--xla_force_host_platform_device_count={replicas}")
+    result = run_script("tests/multistep_run.py", str(tmp_path), "--replicas", str(replicas), env=env,
+                        timeout=600)
     assert result.returncode == 0, describe(result)
     logs = {name: pd.read_csv(tmp_path / name / "log.csv") for name in ("k1", "k3", "k3_resumed")}
     calls = {name: [json.loads(line) for line in (tmp_path / name / "calls.json").read_text().splitlines()]
