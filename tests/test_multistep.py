@@ -4,8 +4,8 @@ accuracies, the learning rate per epoch) and the same weights, also across a res
 
 Each backend is its own process (`tests/multistep_run.py`; TensorFlow and JAX also on two CPU
 devices): a small baseline CNN with dropout, 7 steps of 10 images per epoch, 2 epochs, K = 3 (calls of
-3, 3 and 1 steps: the last call of an epoch takes what remains). Dropout makes the check stricter: the random generator's state must advance through
-the K-step call as through K single steps.
+3, 3 and 1 steps: the last call of an epoch takes what remains). Dropout makes the check stricter:
+the random generator's state must advance through the K-step call as through K single steps.
 """
 
 from __future__ import annotations
