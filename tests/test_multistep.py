@@ -10,6 +10,7 @@ the random generator's state must advance through the K-step call as through K s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def test_k_steps_per_call_log_the_same_as_one_step_per_call(backend: str, replic
                                                             tmp_path: Path) -> None:
     """Also data-parallel over two CPU devices (TensorFlow's `MirroredStrategy`, JAX's `DataParallel`):
     the stacked batches are split along their batch axis, not the step axis."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed (pip install -r requirements/{backend}.txt)")
     env = child_env(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
                     XLA_FLAGS=f"--xla_force_host_platform_device_count={replicas}")
     result = run_script("tests/multistep_run.py", str(tmp_path), "--replicas", str(replicas), env=env,
