@@ -142,6 +142,13 @@ def build_parser(description: str = "Capsule Network on MNIST.",
     parser.add_argument("--export", choices=deploy.EXPORT_FORMATS, default=None,
                         help="With -w: export the eval model (x -> [capsule lengths, reconstruction]) "
                              "for serving, into save_dir")
+    parser.add_argument("--model", default="capsnet", choices=("capsnet", "baseline"),
+                        help="'baseline': train the paper's baseline CNN (section 5: three 5x5 convolutions, "
+                             "dense 328 and 192, dropout, softmax) instead, with the same data, shifts, "
+                             "optimizer and epochs")
+    parser.add_argument("--steps_per_execution", default=1, type=int, metavar="K",
+                        help="Training steps per compiled call (JAX: a lax.scan over K batches; TensorFlow: "
+                             "a graph loop): the same steps, fewer dispatches, for fast GPUs")
     parser.add_argument("--explore", action="store_true",
                         help="With -t: also write save_dir/explore.html, one page (no server needed) with "
                              "sliders for each test image's capsule and its reconstruction redrawn live")
@@ -169,6 +176,7 @@ def validate_args(args: argparse.Namespace, extra: Sequence[tuple[str, bool, str
         ("--digit", args.digit >= 0, "must be >= 0"),
         ("--seed", args.seed is None or 0 <= args.seed < 2**31, "must be in [0, 2**31)"),
         ("--multimnist_test_pairs", args.multimnist_test_pairs >= 1, "must be >= 1"),
+        ("--steps_per_execution", args.steps_per_execution >= 1, "must be >= 1"),
         *extra,
     ]
     for flag, ok, rule in checks:
@@ -184,6 +192,12 @@ def validate_args(args: argparse.Namespace, extra: Sequence[tuple[str, bool, str
     for flag, used in (("--predict", args.predict is not None), ("--export", args.export is not None)):
         if used and args.weights is None:
             raise UserError(f"{flag}: needs the trained model, -w FILE (e.g. -w result/trained_model.keras)")
+    baseline_refuses = [flag for flag, used in (("-t", args.testing), ("--multimnist", args.multimnist),
+                                                ("--predict", args.predict is not None),
+                                                ("--export", args.export is not None)) if used]
+    if args.model == "baseline" and baseline_refuses:
+        raise UserError(f"--model baseline: trains on single digits only (its test error is the "
+                        f"val_capsnet_accuracy of log.csv); drop {baseline_refuses[0]}")
     if args.explore and not args.testing:
         raise UserError("--explore: draws a tested model's capsules; add -t (and -w FILE)")
     if args.weights is not None and not os.path.isfile(saving.resolve_weights_path(args.weights)):
@@ -254,7 +268,8 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     return training.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 lr_decay=args.lr_decay, lam_recon=args.lam_recon, routings=args.routings,
                                 shift_fraction=args.shift_fraction, seed=args.seed,
-                                save_dir=args.save_dir, debug=args.debug)
+                                save_dir=args.save_dir, debug=args.debug,
+                                steps_per_execution=args.steps_per_execution)
 
 
 def input_shape(args: argparse.Namespace, x_train: np.ndarray) -> tuple[int, int, int]:
@@ -309,7 +324,7 @@ def run_train(args: argparse.Namespace, data: datasets.Dataset, class_names: Seq
     (x_train, y_train), _ = data
     built = training.build(input_shape(args, x_train), y_train.shape[1], config,
                            training.steps_per_epoch(len(x_train), config.batch_size), strategy=strategy,
-                           two_digits=args.multimnist)
+                           two_digits=args.multimnist, model=args.model)
     _show_and_load(args, built.model, is_chief, on_model)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     per_device = max(1, config.batch_size // replicas)
@@ -318,15 +333,17 @@ def run_train(args: argparse.Namespace, data: datasets.Dataset, class_names: Seq
     flags = {k: getattr(args, k) for k in RESUME_FLAGS}
     if args.multimnist:  # only then: backups of single-digit runs made before this flag still resume
         flags.update(multimnist=True, multimnist_test_pairs=args.multimnist_test_pairs)
+    if args.model != "capsnet":  # the same: CapsNet backups made before --model still resume
+        flags.update(model=args.model)
     backup = Backup(backup_dir or Path(args.save_dir) / BACKUP_DIR, flags=flags)
     batcher = (multimnist.PairBatcher(config.batch_size, args.multimnist_test_pairs) if args.multimnist
                else None)
     training.train(built, data, config, backup, is_chief=is_chief, batcher=batcher)
     if is_chief:
         saving.save_model(built.eval_model, Path(args.save_dir) / "trained_model.keras")
-        datasets.save_class_names(Path(args.save_dir) / datasets.DEFAULT_CLASS_NAMES_FILE,
-                                      class_names)
-        print(f"Full model (x -> [lengths, reconstruction]) saved to "
+        datasets.save_class_names(Path(args.save_dir) / datasets.DEFAULT_CLASS_NAMES_FILE, class_names)
+        outputs = "probabilities" if args.model == "baseline" else "[lengths, reconstruction]"
+        print(f"Full model (x -> {outputs}) saved to "
               f"'{args.save_dir}/trained_model.keras', its class names to "
               f"'{args.save_dir}/{datasets.DEFAULT_CLASS_NAMES_FILE}'")
 

@@ -7,6 +7,12 @@
 - `train(*batch)` / `evaluate(*batch)`: one step on a batch of NumPy arrays (`(x, y)`, or what the
   `losses.Objective` takes), returning the sums over its samples of `training.SUMS` (total loss, margin
   loss, reconstruction MSE, correct predictions) as a NumPy array;
+- `train_many(*stacked)`: K consecutive training steps in one call, on the K batches stacked along a
+  new first axis (`[K, batch, ...]` each), returning each step's sums, `[K, len(SUMS)]`. It does what K
+  calls of `train` would (same batches, order and optimizer updates; the learning-rate schedule reads
+  the optimizer's step counter, which advances per step), but the host dispatches once per K steps:
+  what a GPU step of a few milliseconds spends waiting on Python is paid K times less often
+  (`--steps_per_execution`, as `steps_per_execution` in Keras' `compile`);
 - `sync()`: make the model's and optimizer's variables hold the trained values (before they are saved).
 
 Three implementations of `Steps`:
@@ -77,6 +83,11 @@ class Steps:
     def build_optimizer(self) -> None:
         self.optimizer.build(self.model.trainable_variables)
 
+    def train_many(self, *stacked: np.ndarray) -> np.ndarray:
+        """K training steps, one `train` call each: the backends that compile override it with one
+        call for all K."""
+        return np.stack([self.train(*(a[i] for a in stacked)) for i in range(len(stacked[0]))])
+
 
 class TensorFlowSteps(Steps):
     """Steps as `tf.function`s under a `tf.distribute` strategy.
@@ -84,7 +95,8 @@ class TensorFlowSteps(Steps):
     Args:
         model, optimizer, lam_recon, batch_size, objective: see `make_steps`.
         strategy: the `tf.distribute` strategy; the current one (one device) by default.
-        jit_compile: compile the steps with XLA (measured ~20x slower on a 2-core CPU: off by default).
+        jit_compile: compile the steps with XLA (off by default: on CPUs XLA compiles the backward of
+            the strided 9x9 convolution into a far slower step; measure before turning it on).
     """
 
     def __init__(self, model: keras.Model, optimizer: Any, lam_recon: float, batch_size: int,
@@ -97,6 +109,8 @@ class TensorFlowSteps(Steps):
         self.replicas = self.strategy.num_replicas_in_sync
         self.train_step = tf.function(self._train_step, jit_compile=jit_compile, reduce_retracing=True)
         self.eval_step = tf.function(self._eval_step, jit_compile=jit_compile, reduce_retracing=True)
+        self.multi_train_step = tf.function(self._multi_train_step, jit_compile=jit_compile,
+                                            reduce_retracing=True)
 
     def build_optimizer(self) -> None:
         with self.strategy.scope():  # the optimizer's slots are mirrored like the weights
@@ -111,6 +125,12 @@ class TensorFlowSteps(Steps):
     def train(self, *batch: np.ndarray) -> np.ndarray:
         return np.array([float(v) for v in self.train_step(*(self._split(a) for a in batch))])
 
+    def train_many(self, *stacked: np.ndarray) -> np.ndarray:
+        # The count as a tensor: the last, shorter call of an epoch reuses the traced loop.
+        count = self.tf.constant(len(stacked[0]), dtype=self.tf.int32)
+        sums = self.multi_train_step(count, *(self._split(a, axis=1) for a in stacked))
+        return np.asarray(sums, dtype=np.float64)
+
     def evaluate(self, *batch: np.ndarray) -> np.ndarray:
         if len(batch[0]) < self.replicas:
             # Some replica would get an empty slice, which the convolutions refuse: a batch this small
@@ -120,12 +140,13 @@ class TensorFlowSteps(Steps):
 
     # -- inside the strategy -----------------------------------------------------------------
 
-    def _split(self, array: np.ndarray) -> Any:
+    def _split(self, array: np.ndarray, axis: int = 0) -> Any:
         """The global batch as each replica's slice (replica i of n takes the i-th of n near-equal
-        parts, as `tf.data` rebatching would), or as it is on one device."""
+        parts, as `tf.data` rebatching would), or as it is on one device. `axis`: the batch axis (1
+        for `train_many`'s stacked batches)."""
         if self.replicas == 1:
             return self.tf.constant(array)
-        parts = np.array_split(array, self.replicas)
+        parts = np.array_split(array, self.replicas, axis=axis)
         return self.strategy.experimental_distribute_values_from_function(
             lambda context: self.tf.constant(parts[context.replica_id_in_sync_group]))
 
@@ -157,6 +178,19 @@ class TensorFlowSteps(Steps):
     def _eval_step(self, *batch: Any) -> list[Any]:
         return self._reduce(self.strategy.run(self._replica_eval_step, args=batch))
 
+    def _multi_train_step(self, count: Any, *stacked: Any) -> Any:
+        """`count` steps in one graph: a `tf.while_loop` (autograph) whose step i is `_train_step` on
+        the i-th stacked batch; returns `[count, len(SUMS)]`."""
+        tf = self.tf
+        sums = tf.TensorArray(tf.float32, size=count)
+        for i in tf.range(count):
+            step_sums = self._reduce(self.strategy.run(self._replica_train_step_at, args=(i, *stacked)))
+            sums = sums.write(i, tf.stack([tf.cast(v, tf.float32) for v in step_sums]))
+        return sums.stack()
+
+    def _replica_train_step_at(self, i: Any, *stacked: Any) -> list[Any]:
+        return self._replica_train_step(*(a[i] for a in stacked))
+
 
 class JaxSteps(Steps):
     """Steps as `jax.jit` pure functions of the variables.
@@ -179,6 +213,7 @@ class JaxSteps(Steps):
         self.state: tuple | None = None
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.eval_step = jax.jit(self._eval_step)
+        self.multi_train_step = jax.jit(self._multi_train_step, donate_argnums=0)
 
     def reload(self) -> None:
         self.state = (
@@ -199,6 +234,10 @@ class JaxSteps(Steps):
         self.state, sums = self.train_step(self.state, tuple(self._place(a) for a in batch))
         return np.asarray(sums, dtype=np.float64)
 
+    def train_many(self, *stacked: np.ndarray) -> np.ndarray:
+        self.state, sums = self.multi_train_step(self.state, tuple(self._place(a, axis=1) for a in stacked))
+        return np.asarray(sums, dtype=np.float64)
+
     def evaluate(self, *batch: np.ndarray) -> np.ndarray:
         n = len(batch[0])
         weight = np.zeros(self.batch_size, dtype="float32")
@@ -207,11 +246,14 @@ class JaxSteps(Steps):
         sums = self.eval_step(self.state, tuple(self._place(a) for a in padded), self._place(weight))
         return np.asarray(sums, dtype=np.float64)
 
-    def _place(self, array: np.ndarray) -> Any:
-        """The batch on the devices: sharded along its first axis under a distribution."""
+    def _place(self, array: np.ndarray, axis: int = 0) -> Any:
+        """The batch on the devices: sharded along its batch axis (`axis`; 1 for `train_many`'s stacked
+        batches) under a distribution."""
         if self.distribution is None:
             return array
-        layout = self.distribution.get_data_layout(array.shape)
+        layout = self.distribution.get_data_layout(array.shape[axis:])
+        if axis:
+            layout = keras.distribution.TensorLayout([None] * axis + list(layout.axes), layout.device_mesh)
         return keras.distribution.distribute_tensor(array, layout)
 
     # -- pure functions (traced by jax.jit) ----------------------------------------------------
@@ -233,6 +275,11 @@ class JaxSteps(Steps):
         trainable, optimizer = self.optimizer.stateless_apply(optimizer, grads, trainable)
         sums = keras.ops.stack([keras.ops.sum(t) for t in terms])
         return (trainable, non_trainable, optimizer), sums
+
+    def _multi_train_step(self, state: tuple, stacked: tuple) -> tuple[tuple, Any]:
+        """`_train_step` on each of the stacked batches in turn (`lax.scan`): one compiled call; returns
+        the state after the last and every step's sums, `[K, len(SUMS)]`."""
+        return self.jax.lax.scan(self._train_step, state, stacked)
 
     def _eval_step(self, state: tuple, batch: tuple, weight: Any) -> Any:
         trainable, non_trainable, _ = state

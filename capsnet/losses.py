@@ -2,6 +2,7 @@
 
 Total loss per sample = margin + lam_recon * MSE (lam_recon = 0.392 = 0.0005 * 784, the paper's
 0.0005 * sum of squared errors). Written with `keras.ops`, so every backend trains the same loss.
+The baseline CNN's cross-entropy (`classifier_terms`) is here too, in the same per-sample form.
 """
 
 from __future__ import annotations
@@ -77,6 +78,23 @@ def two_digit_terms(x: Any, y: Any, first: Any, second: Any, lengths: Any, recon
     return margin + lam_recon * mse, margin, mse, correct
 
 
+def classifier_terms(y: Any, probabilities: Any) -> tuple[Any, ...]:
+    """`per_sample_terms` for a plain classifier (the baseline CNN, `baseline.py`), `[batch]` each.
+
+    The terms keep CapsNet's slots, so that `log.csv` has the same columns and every tool that reads
+    it (the best checkpoint, `log.png`, the results table) reads the baseline's too: the loss and the
+    "capsnet" loss are the cross-entropy, the decoder loss is 0 (there is no decoder), the accuracy is
+    whether the most probable class is the label.
+
+    Args:
+        y: one-hot labels `[batch, n_class]`; probabilities: softmax outputs `[batch, n_class]`.
+    """
+    probabilities = ops.cast(probabilities, "float32")
+    cross_entropy = ops.categorical_crossentropy(ops.cast(y, "float32"), probabilities)
+    correct = ops.cast(ops.equal(ops.argmax(probabilities, -1), ops.argmax(y, -1)), "float32")
+    return cross_entropy, cross_entropy, ops.zeros_like(cross_entropy), correct
+
+
 @dataclass(frozen=True)
 class Objective:
     """How a batch (a tuple of arrays) feeds the train model, and what each step sums per sample.
@@ -86,7 +104,7 @@ class Objective:
         terms: `(batch, model outputs, lam_recon) ->` the four per-sample terms of `training.SUMS`.
     """
 
-    inputs: Callable[[Sequence[Any]], list[Any]]
+    inputs: Callable[[Sequence[Any]], Any]
     terms: Callable[[Sequence[Any], Sequence[Any], float], tuple[Any, ...]]
 
 
@@ -101,3 +119,9 @@ TWO_DIGITS = Objective(
     inputs=lambda batch: [batch[0], batch[2], batch[3]],
     terms=lambda batch, out, lam_recon: two_digit_terms(batch[0], batch[1], batch[4], batch[5], *out,
                                                         lam_recon))
+
+# A plain classifier (the baseline CNN): batches `(x, y)`, model `x -> probabilities`; `lam_recon` has
+# nothing to weigh.
+CLASSIFIER = Objective(
+    inputs=lambda batch: batch[0],
+    terms=lambda batch, out, lam_recon: classifier_terms(batch[1], out))

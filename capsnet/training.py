@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from capsnet import atomic, backends, datasets, losses, plots, saving
 from capsnet.backup import Backup, RunState
+from capsnet.baseline import baseline_cnn
 from capsnet.batches import DigitBatcher, prefetch
 from capsnet.errors import TrainingDivergedError
 from capsnet.model import CapsNet, compile_like_original, two_digit_train_model
@@ -50,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     save_dir: str = "./result"
     debug: bool = False  # TensorBoard logs
+    steps_per_execution: int = 1  # training steps per compiled call (backends.Steps.train_many)
 
 
 DEFAULTS = TrainConfig()
@@ -129,6 +132,15 @@ class Trainer:
             layers and saves without the optimizer, as the original's weights files).
         batcher: makes the training batches and validation arrays from the data (default: single digits,
             `DigitBatcher`; MultiMNIST: `multimnist.PairBatcher`).
+
+    With `config.steps_per_execution` K > 1 the batches of an epoch go to the devices K at a time
+    (`steps.train_many`); an epoch's last call takes what remains, so no call spans two epochs and the
+    learning rate, the log, the checkpoint and the backup stay per epoch. The progress bar and the
+    divergence check still see every step.
+
+    A model with random layers (the baseline's dropout) has its random generators reseeded at every
+    epoch from `(seed, epoch)`: the backup holds the weights, not the generators' state, so this is
+    what lets a resumed run draw the masks an uninterrupted one would.
     """
 
     def __init__(self, model: keras.Model, optimizer: Any, steps: Any, config: TrainConfig, backup: Backup,
@@ -168,6 +180,8 @@ class Trainer:
             if self.is_chief:
                 print(f"Epoch {epoch + 1}/{self.config.epochs}")
             learning_rate = self.learning_rate()
+            if self._reseed(epoch, state.seed):
+                self.steps.reload()
             start = time.perf_counter()
             row = self.train_epoch(*train_data, epoch=epoch, seed=state.seed)
             self.steps.sync()
@@ -195,13 +209,35 @@ class Trainer:
         steps = len(x) // batch_size
         progbar = keras.utils.Progbar(steps, verbose=1 if self.is_chief else 0, stateful_metrics=SUMS)
         sums = np.zeros(len(SUMS))
-        for step, batch in enumerate(prefetch(self.batcher.train(x, y, epoch, seed)), start=1):
-            values = self.steps.train(*batch)
+        step = 0
+        for values in self._step_values(self.batcher.train(x, y, epoch, seed)):
+            step += 1
             if not np.isfinite(values).all():
                 raise TrainingDivergedError(f"loss became {values[0]} at epoch {epoch + 1}, step {step}")
             sums += values
             progbar.update(step, list(zip(SUMS, sums / (step * batch_size), strict=True)))
         return dict(zip(SUMS, sums / (steps * batch_size), strict=True))
+
+    def _step_values(self, batches: Iterator[tuple[np.ndarray, ...]]) -> Iterator[np.ndarray]:
+        """Runs the training steps of `batches` and yields each step's sums, in order: one call per
+        step, or per `steps_per_execution` steps (stacked in the prefetch thread)."""
+        per_call = self.config.steps_per_execution
+        if per_call <= 1:
+            for batch in prefetch(batches):
+                yield self.steps.train(*batch)
+            return
+        for stacked in prefetch(stack_batches(batches, per_call)):
+            yield from self.steps.train_many(*stacked)
+
+    def _reseed(self, epoch: int, seed: int) -> bool:
+        """Sets the state of each random generator of the model (dropout's) from `(seed, epoch)`;
+        returns whether the model has any."""
+        generators = [v for v in self.model.non_trainable_variables
+                      if v.path.endswith("seed_generator_state")]
+        for i, variable in enumerate(generators):
+            start = np.random.default_rng([seed, epoch, 2, i]).integers(2**31)
+            variable.assign(np.array([start, 0], dtype=variable.dtype))
+        return bool(generators)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """Loss and accuracy of the train model (decoder masked by the true labels) on the validation
@@ -288,6 +324,20 @@ class TensorBoardLog:
         self.writer.close()
 
 
+def stack_batches(batches: Iterator[tuple[np.ndarray, ...]], count: int
+                  ) -> Iterator[tuple[np.ndarray, ...]]:
+    """`batches` grouped `count` at a time, each array stacked along a new first axis
+    (`[count, batch, ...]`); the last group holds what remains."""
+    group: list[tuple[np.ndarray, ...]] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == count:
+            yield tuple(np.stack(arrays) for arrays in zip(*group, strict=True))
+            group = []
+    if group:
+        yield tuple(np.stack(arrays) for arrays in zip(*group, strict=True))
+
+
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
     """Full batches per epoch (at least one, so that the learning-rate schedule is defined)."""
     return max(1, n_train // batch_size)
@@ -306,7 +356,7 @@ class Built(NamedTuple):
 
 def build(input_shape: tuple[int, ...], n_class: int, config: TrainConfig = DEFAULTS,
           steps_per_epoch: int = 600, strategy: Any = None, two_digits: bool = False,
-          jit_compile: bool = False, architecture: Any = CapsNet) -> Built:
+          jit_compile: bool = False, architecture: Any = CapsNet, model: str = "capsnet") -> Built:
     """The models, the optimizer and the training step, as the command line trains them.
 
     Models and optimizer are made under `strategy`'s scope, so that their variables are mirrored
@@ -324,20 +374,27 @@ def build(input_shape: tuple[int, ...], n_class: int, config: TrainConfig = DEFA
         jit_compile: TensorFlow only: compile the steps with XLA.
         architecture: `(input_shape, n_class, routings) -> (train, eval, manipulate)` models, e.g.
             the original formulation's for a benchmark.
+        model: `"capsnet"`, or `"baseline"` for the paper's baseline CNN (`capsnet.baseline`), one
+            softmax model trained on cross-entropy (`losses.CLASSIFIER`); it has no manipulate model.
     """
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         optimizer = make_optimizer(config.lr, config.lr_decay, steps_per_epoch)
-        model, eval_model, manipulate_model = architecture(input_shape, n_class, config.routings)
-        compile_like_original(model, optimizer, config.lam_recon)
-        train_model = two_digit_train_model(model) if two_digits else model
-    objective = losses.TWO_DIGITS if two_digits else losses.ONE_DIGIT
+        if model == "baseline":
+            net = baseline_cnn(input_shape, n_class)
+            train_model, eval_model, manipulate_model = net, net, None
+        else:
+            net, eval_model, manipulate_model = architecture(input_shape, n_class, config.routings)
+            compile_like_original(net, optimizer, config.lam_recon)
+            train_model = two_digit_train_model(net) if two_digits else net
+    objective = (losses.CLASSIFIER if model == "baseline" else
+                 losses.TWO_DIGITS if two_digits else losses.ONE_DIGIT)
     if jit_compile:
         steps = backends.TensorFlowSteps(train_model, optimizer, config.lam_recon, config.batch_size,
                                          strategy, jit_compile=True, objective=objective)
     else:
         steps = backends.make_steps(train_model, optimizer, config.lam_recon, config.batch_size, strategy,
                                     objective=objective)
-    return Built(model, eval_model, manipulate_model, optimizer, steps, train_model)
+    return Built(net, eval_model, manipulate_model, optimizer, steps, train_model)
 
 
 def train(built: Built, data: datasets.Dataset, config: TrainConfig, backup: Backup, is_chief: bool = True,

@@ -1,5 +1,6 @@
-"""Reproduces the original's MNIST table: runs `capsulenet.py` itself for CapsNet-v1…v4, K seeds, E epochs,
-then writes a markdown table of the test errors beside the original's and the paper's.
+"""Reproduces the original's MNIST table: runs `capsulenet.py` itself for CapsNet-v1…v4 (and the paper's
+baseline CNN and MultiMNIST), K seeds, E epochs, then writes a markdown table of the test errors beside
+the original's and the paper's.
 
 Each run is the real command line (`python capsulenet.py --routings R --lam_recon L --epochs E --seed S
 --dataset D --save_dir OUT/vN-seedS ...`, started with this interpreter in the repository root, with this
@@ -10,6 +11,12 @@ versions, dates and the exact commands. A failed run is reported with its exit c
 and the harness then exits 1. Rerunning the same command skips completed runs and resumes the others
 (the CLI resumes a run from its `backup/`).
 
+For short GPU windows, `--stop_after SECONDS` ends the invocation within that time: each run stops
+right after an epoch end when its next epoch would not fit, every run still going gets SIGTERM
+`--stop_margin` seconds before the end (it keeps its completed epochs), and no run starts that could
+not complete an epoch; the exit status is then 75 and the next invocation of the same command resumes
+them. Each invocation's start and outcome are appended to `OUT/campaign.log`.
+
 Usage (from the repository root)::
 
     python experiments/reproduce.py --dataset ../shared/data/mnist.npz --seeds 0,1,2 --epochs 50 \\
@@ -19,6 +26,9 @@ Usage (from the repository root)::
     python experiments/reproduce.py ... --dry_run          # print the commands only
     python experiments/reproduce.py ... -- --batch_size 50 --mixed_precision   # extra CLI flags
     python experiments/reproduce.py --table_only --out experiments/runs/mnist  # rebuild results.md
+    KERAS_BACKEND=jax python experiments/reproduce.py --dataset mnist.npz --variants v1,v2,v3,baseline \
+        --parallel 6 --stop_after 780 --out experiments/runs/mnist-jax \
+        -- --steps_per_execution 20     # one GPU window: rerun it in the next window to continue
 
 The harness imports neither Keras nor a backend: it starts processes and reads CSV files, so that it
 works the same whichever backend the runs use.
@@ -48,24 +58,55 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parents[1]
 CLI = "capsulenet.py"
 
-# The original's variants (SPEC section 4): (routings, lam_recon).
-VARIANTS: dict[str, tuple[int, float]] = {"v1": (1, 0.0), "v2": (1, 0.392), "v3": (3, 0.0), "v4": (3, 0.392)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A row of the table: the CLI flags that make it, and the numbers it is compared with (test error
+    in %, (mean, std) or (value, None); None where there is none)."""
+
+    label: str
+    flags: tuple[str, ...]
+    routing: str  # as the original's table shows it
+    reconstruction: str
+    original: tuple[float, float | None] | None  # the original project's 3 trials of 50 epochs
+    paper: tuple[float, float | None] | None
+
+
+def _capsnet(label: str, routings: int, lam_recon: float, original: tuple[float, float],
+             paper: tuple[float, float]) -> Variant:
+    return Variant(label, ("--routings", str(routings), "--lam_recon", str(lam_recon)), str(routings),
+                   "yes" if lam_recon else "no", original, paper)
+
+
+# The original's table (the paper's section 5) and the paper's MultiMNIST (section 6).
+VARIANTS: dict[str, Variant] = {
+    "v1": _capsnet("CapsNet-v1", 1, 0.0, (0.39, 0.024), (0.34, 0.032)),
+    "v2": _capsnet("CapsNet-v2", 1, 0.392, (0.36, 0.009), (0.29, 0.011)),
+    "v3": _capsnet("CapsNet-v3", 3, 0.0, (0.40, 0.016), (0.35, 0.036)),
+    "v4": _capsnet("CapsNet-v4", 3, 0.392, (0.34, 0.016), (0.25, 0.005)),
+    "baseline": Variant("baseline CNN", ("--model", "baseline"), "–", "–", None, (0.39, None)),
+    "multimnist": Variant("MultiMNIST CapsNet", ("--multimnist", "--routings", "3", "--lam_recon", "0.392"),
+                          "3", "yes", None, (5.2, None)),
+}
 DEFAULT_VARIANTS = ("v4", "v1", "v2", "v3")  # v4 (the CLI's defaults) first: it is the headline
-# MNIST test error in %, (mean, std): the original's 3 trials of 50 epochs, and the paper's.
-ORIGINAL = {"v1": (0.39, 0.024), "v2": (0.36, 0.009), "v3": (0.40, 0.016), "v4": (0.34, 0.016)}
-PAPER = {"v1": (0.34, 0.032), "v2": (0.29, 0.011), "v3": (0.35, 0.036), "v4": (0.25, 0.005)}
 
 # Flags the harness sets itself; passing them after `--` would contradict the run's folder name.
 OWN_FLAGS = ("--routings", "-r", "--lam_recon", "--epochs", "--seed", "--dataset", "--save_dir",
-             "-t", "--testing")
+             "-t", "--testing", "--model", "--multimnist")
 # Environment variables shown in front of the commands: the ones that change what a run does.
 SHOWN_ENV = ("KERAS_BACKEND", "CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_PREALLOCATE",
              "TF_FORCE_GPU_ALLOW_GROWTH")
 
-RUN_FOLDER = re.compile(r"^(v[1-4])-seed(\d+)$")
+RUN_FOLDER = re.compile(rf"^({'|'.join(VARIANTS)})-seed(\d+)$")
 # The CLI's per-epoch summary, e.g. "13s - loss: 0.0412 - ...": whole seconds of training + validation.
 EPOCH_LINE = re.compile(r"^(\d+(?:\.\d+)?)s - loss:")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# The CLI's line at the start of each epoch, printed after the previous epoch's backup was saved.
+EPOCH_START = re.compile(r"^Epoch (\d+)/(\d+)$")
+# Exit status when --stop_after stopped runs or left some unstarted: rerun to continue (sysexits'
+# EX_TEMPFAIL, "try again later").
+EXIT_DEADLINE = 75
 # Written to stdout.log before each attempt, so that a failure's last error line comes from this attempt.
 ATTEMPT_MARKER = "=== reproduce.py: "
 
@@ -122,10 +163,8 @@ class Run:
 
     def cli_args(self) -> list[str]:
         """The CLI's arguments, script first; run from the repository root."""
-        routings, lam_recon = VARIANTS[self.variant]
-        return [CLI, "--routings", str(routings), "--lam_recon", str(lam_recon),
-                "--epochs", str(self.epochs), "--seed", str(self.seed), "--dataset", self.dataset,
-                "--save_dir", display_path(self.save_dir), *self.extra]
+        return [CLI, *VARIANTS[self.variant].flags, "--epochs", str(self.epochs), "--seed", str(self.seed),
+                "--dataset", self.dataset, "--save_dir", display_path(self.save_dir), *self.extra]
 
     def command(self, shown_env: Mapping[str, str]) -> str:
         """The command as a user would type it in the repository root."""
@@ -136,7 +175,7 @@ class Run:
 @dataclasses.dataclass(frozen=True)
 class LogSummary:
     """A run's `log.csv` in test errors: 100 × (1 − val_capsnet_accuracy), the test set being the
-    validation data (SPEC section 3)."""
+    validation data, as in the original."""
 
     epochs: int
     final_error: float
@@ -157,6 +196,7 @@ class RunResult:
     log: LogSummary | None
     seconds: tuple[float, ...]  # per epoch, from stdout.log
     record: dict[str, Any]  # run.json, empty when the folder was not made by this harness
+    folder: Path | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,8 +365,11 @@ def collect(out: Path, epochs_wanted: int | None = None) -> list[RunResult]:
         log = read_log(folder / "log.csv")
         wanted = record.get("epochs") or epochs_wanted
         returncode = record.get("returncode")
-        failed = returncode not in (None, 0)
-        if failed:
+        failed = returncode not in (None, 0) and record.get("stopped") != "deadline"
+        if returncode not in (None, 0) and not failed:
+            done = log.epochs if log else 0
+            status = f"paused at the deadline ({done}/{wanted or '?'} epochs; the next invocation resumes it)"
+        elif failed:
             kind = "interrupted" if returncode in (130, 143, -signal.SIGINT, -signal.SIGTERM) else "failed"
             status = f"{kind} (exit {returncode}): {record.get('error') or '?'}"
         elif log is None:
@@ -336,7 +379,7 @@ def collect(out: Path, epochs_wanted: int | None = None) -> list[RunResult]:
         else:
             status = "ok"
         results.append(RunResult(folder.name, variant, int(seed), status, status == "ok", failed, log,
-                                 epoch_seconds(folder / "stdout.log"), record))
+                                 epoch_seconds(folder / "stdout.log"), record, folder))
     return sorted(results, key=lambda r: (r.variant, r.seed))
 
 
@@ -352,6 +395,19 @@ def mean_std(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f} (1 run)"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def reference_text(value: tuple[float, float | None] | None) -> str:
+    """A published error: `mean ± std`, the value alone, or `—`."""
+    if value is None:
+        return "—"
+    mean, std = value
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.3f}"
+
+
+def flag_value(flags: Sequence[str], name: str) -> str:
+    """The value after `name` in `flags`, or `—`."""
+    return flags[flags.index(name) + 1] if name in flags else "—"
 
 
 def cell(text: object) -> str:
@@ -391,7 +447,7 @@ def environment_lines(results: Sequence[RunResult]) -> list[str]:
 def render(out: Path, results: Sequence[RunResult], now: datetime.datetime) -> str:
     """`results.md`: the per-variant table beside the original's and the paper's, the runs, the
     environment and the commands."""
-    lines = [f"# CapsNet-v1…v4: `{display_path(out)}`", "",
+    lines = [f"# CapsNet-v1…v4, baseline, MultiMNIST: `{display_path(out)}`", "",
              "Test error (%) = 100 × (1 − `val_capsnet_accuracy`) of each run's `log.csv` (the test set is "
              "the validation data, as in the original). *final*: after the last epoch; *best*: the best "
              "epoch's, which the best checkpoint holds (chosen on the test set, as the original's "
@@ -408,13 +464,13 @@ def render(out: Path, results: Sequence[RunResult], now: datetime.datetime) -> s
         done = [r for r in runs if r.ok and r.log]
         epochs = sorted({r.log.epochs for r in done})
         seconds = [s for r in done for s in r.seconds]
-        routings, lam_recon = VARIANTS[variant]
+        flags = VARIANTS[variant].flags
+        routings, lam_recon = (flag_value(flags, name) for name in ("--routings", "--lam_recon"))
         lines.append(
             f"| {variant} | {routings} | {lam_recon} | {len(done)}/{len(runs)} | "
             f"{', '.join(map(str, epochs)) or '—'} | {mean_std([r.log.final_error for r in done])} | "
             f"{mean_std([r.log.best_error for r in done])} | {median_text(seconds)} | "
-            f"{ORIGINAL[variant][0]:.2f} ± {ORIGINAL[variant][1]:.3f} | "
-            f"{PAPER[variant][0]:.2f} ± {PAPER[variant][1]:.3f} |")
+            f"{reference_text(VARIANTS[variant].original)} | {reference_text(VARIANTS[variant].paper)} |")
     lines += ["", "## Runs", "",
               "| run | status | epochs | final error (%) | best error (%) | best epoch | s/epoch | wall (s) "
               "| log |",
@@ -463,20 +519,58 @@ class Job:
 
     run: Run
     process: subprocess.Popen
-    copier: threading.Thread
+    copier: threading.Thread | None
     record: dict[str, Any]
     start: float
+    # When each "Epoch k/N" line of this attempt appeared (monotonic seconds): every one after the first
+    # marks the previous epoch as complete and backed up (the CLI prints it after the backup).
+    epoch_starts: list[float] = dataclasses.field(default_factory=list)
+    stopped: str | None = None  # why the harness stopped it ("deadline"), if it did
+
+
+@dataclasses.dataclass(frozen=True)
+class Deadline:
+    """`--stop_after`: every run has exited by `end`; a run is sent SIGTERM by `end - margin` at the
+    latest, and earlier, right after an epoch end, when its next epoch would not end before that.
+
+    A run stopped right after an epoch end loses only the seconds of the epoch it had begun; one still
+    running at `end - margin` loses its partial epoch, and keeps every completed one (the CLI stops on
+    SIGTERM as on Ctrl-C). The next invocation resumes both from `backup/`.
+    """
+
+    end: float  # time.monotonic() seconds
+    margin: float
+
+    @property
+    def stop_at(self) -> float:
+        return self.end - self.margin
+
+    def stop_after_epoch(self, epoch_starts: Sequence[float]) -> bool:
+        """Whether a run whose epochs began at `epoch_starts` should stop at its latest epoch end: the
+        epoch it has begun, as long as the one before, would end after `stop_at`."""
+        if len(epoch_starts) < 2:
+            return False  # no epoch ended in this attempt yet: no backup to stop at, no duration known
+        return epoch_starts[-1] + (epoch_starts[-1] - epoch_starts[-2]) > self.stop_at
+
+    def may_start(self, now: float, first_epoch: float) -> bool:
+        """Whether a new run started `now` could complete an epoch (`first_epoch` seconds from start,
+        0 when none was measured yet) before `stop_at`."""
+        return now + first_epoch < self.stop_at
 
 
 def now_text() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def copy_output(stream: IO[bytes], path: Path) -> None:
-    """Copies a child's output to `path` line by line, each reduced to its final look (`clean_line`)."""
+def copy_output(stream: IO[bytes], path: Path, epoch_starts: list[float] | None = None) -> None:
+    """Copies a child's output to `path` line by line, each reduced to its final look (`clean_line`),
+    noting in `epoch_starts` when each "Epoch k/N" line came."""
     with path.open("a", encoding="utf-8") as log:
         for raw in stream:
-            log.write(clean_line(raw.decode("utf-8", errors="replace")) + "\n")
+            line = clean_line(raw.decode("utf-8", errors="replace"))
+            if epoch_starts is not None and EPOCH_START.match(line):
+                epoch_starts.append(time.monotonic())
+            log.write(line + "\n")
             log.flush()
 
 
@@ -499,9 +593,11 @@ def start(run: Run, env: Mapping[str, str], shown_env: Mapping[str, str], enviro
     # Same process group as the harness: whatever stops the harness's group stops the runs too.
     process = subprocess.Popen(argv, cwd=REPO, env=dict(env), stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    copier = threading.Thread(target=copy_output, args=(process.stdout, stdout_log), daemon=True)
-    copier.start()
-    return Job(run, process, copier, record, time.monotonic())
+    job = Job(run, process, None, record, time.monotonic())
+    job.copier = threading.Thread(target=copy_output, args=(process.stdout, stdout_log, job.epoch_starts),
+                                  daemon=True)
+    job.copier.start()
+    return job
 
 
 def finish(job: Job) -> dict[str, Any]:
@@ -510,7 +606,8 @@ def finish(job: Job) -> dict[str, Any]:
     job.copier.join()
     record = {**job.record, "returncode": returncode, "finished": now_text(),
               "wall_seconds": round(job.record["earlier_wall_seconds"] + time.monotonic() - job.start, 1),
-              "error": last_error_line(job.run.save_dir / "stdout.log") if returncode else None}
+              "error": last_error_line(job.run.save_dir / "stdout.log") if returncode else None,
+              "stopped": job.stopped}
     write_text_atomic(job.run.save_dir / "run.json", json.dumps(record, indent=1) + "\n")
     return record
 
@@ -536,11 +633,32 @@ def stop(jobs: Sequence[Job]) -> None:
         finish(job)
 
 
+def stop_for_deadline(jobs: Sequence[Job], deadline: Deadline) -> None:
+    """SIGTERM to every run still going, then until `deadline.end` for them to exit; a run that has
+    not by then is killed (its last backup stays)."""
+    for job in jobs:
+        if job.process.poll() is None and job.stopped is None:
+            job.stopped = "deadline"
+            job.process.send_signal(signal.SIGTERM)
+    for job in jobs:
+        try:
+            job.process.wait(timeout=max(0.0, deadline.end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            job.process.kill()
+
+
 def execute(runs: Sequence[Run], env: Mapping[str, str], shown_env: Mapping[str, str], parallel: int,
-            environment: dict[str, Any], harness: str) -> bool:
-    """Runs `runs`, at most `parallel` at a time, in order; returns whether it was interrupted."""
+            environment: dict[str, Any], harness: str, deadline: Deadline | None = None) -> str:
+    """Runs `runs`, at most `parallel` at a time, in order.
+
+    Returns:
+        "done", "interrupted" (Ctrl-C or SIGTERM to the harness) or "deadline" (`deadline` stopped
+        runs or left some unstarted).
+    """
     pending, running = list(runs), []
     total = len(runs)
+    first_epoch = 0.0  # the longest start-to-first-epoch-end seen: what a new run needs at least
+    outcome = "done"
 
     def on_sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -548,25 +666,43 @@ def execute(runs: Sequence[Run], env: Mapping[str, str], shown_env: Mapping[str,
     previous = signal.signal(signal.SIGTERM, on_sigterm)  # `timeout` and schedulers send SIGTERM
     try:
         while pending or running:
-            while pending and len(running) < parallel:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline.stop_at:
+                stop_for_deadline(running, deadline)
+            while pending and len(running) < parallel and (deadline is None
+                                                           or deadline.may_start(now, first_epoch)):
                 run = pending.pop(0)
                 print(f"[{total - len(pending)}/{total}] {run.name}: {run.command(shown_env)}", flush=True)
                 running.append(start(run, env, shown_env, environment, harness))
+            for job in running:
+                if len(job.epoch_starts) >= 2:
+                    first_epoch = max(first_epoch, job.epoch_starts[1] - job.start)
+                if (deadline is not None and job.stopped is None and job.process.poll() is None
+                        and deadline.stop_after_epoch(job.epoch_starts)):
+                    print(f"{job.run.name}: stopping after its epoch {len(job.epoch_starts) - 1} of this "
+                          "attempt: the next would end after the deadline", flush=True)
+                    job.stopped = "deadline"
+                    job.process.send_signal(signal.SIGTERM)
             for job in [job for job in running if job.process.poll() is not None]:
                 running.remove(job)
                 record = finish(job)
-                outcome = ("done" if record["returncode"] == 0
-                           else f"FAILED (exit {record['returncode']}): {record['error']}")
-                print(f"{job.run.name}: {outcome} after {record['wall_seconds']:.0f} s", flush=True)
+                result = ("done" if record["returncode"] == 0 else "stopped for the deadline" if job.stopped
+                          else f"FAILED (exit {record['returncode']}): {record['error']}")
+                print(f"{job.run.name}: {result} after {record['wall_seconds']:.0f} s", flush=True)
+                outcome = "deadline" if job.stopped else outcome
+            if deadline is not None and pending and not running and not deadline.may_start(now, first_epoch):
+                print(f"deadline: {len(pending)} run(s) not started ({', '.join(r.name for r in pending)})",
+                      flush=True)
+                return "deadline"
             time.sleep(0.2)
     except KeyboardInterrupt:
         print("interrupted: stopping the runs; rerun the same command to resume them", file=sys.stderr,
               flush=True)
         stop(running)
-        return True
+        return "interrupted"
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return False
+    return outcome
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,12 +718,21 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="mnist", help="capsulenet.py's --dataset (a name or a path)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help="comma-separated, run in this order: v1 = routings 1, no reconstruction; "
-                             "v2 = 1, recon; v3 = 3, none; v4 = 3, recon (the CLI's defaults)")
+                             "v2 = 1, recon; v3 = 3, none; v4 = 3, recon (the CLI's defaults); "
+                             "baseline = the paper's baseline CNN (--model baseline); multimnist = v4 on "
+                             "MultiMNIST (--multimnist)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated --seed values")
     parser.add_argument("--epochs", default=50, type=int)
     parser.add_argument("--parallel", default=1, type=int, help="runs at once (they share the GPU)")
     parser.add_argument("--out", default=None,
                         help="campaign folder (default experiments/runs/DATASET-BACKEND-EPOCHSep)")
+    parser.add_argument("--stop_after", type=float, default=None, metavar="SECONDS",
+                        help="stop cleanly within SECONDS (a GPU window): runs stop at an epoch end when "
+                             "their next epoch would not fit, all are sent SIGTERM --stop_margin seconds "
+                             "before the end, no run starts that could not finish an epoch; rerun the same "
+                             "command to resume them (exit status 75 while runs remain)")
+    parser.add_argument("--stop_margin", type=float, default=60.0, metavar="SECONDS",
+                        help="with --stop_after: the time the runs get to stop")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--table_only", action="store_true",
                         help="rebuild OUT/results.md from its run folders")
@@ -622,6 +767,9 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"--seeds {args.seeds}: give distinct integers in [0, 2**31)")
     if args.epochs < 1 or args.parallel < 1:
         parser.error("--epochs and --parallel must be at least 1")
+    if args.stop_after is not None and not 0 <= args.stop_margin < args.stop_after:
+        parser.error(f"--stop_after {args.stop_after:g} --stop_margin {args.stop_margin:g}: give "
+                     "0 <= margin < seconds")
     clashing = [flag for flag in extra if sets_own_flag(flag)]
     if clashing:
         parser.error(f"{', '.join(clashing)} after `--`: the harness sets it for each run")
@@ -644,8 +792,15 @@ def harness_command(argv: Sequence[str]) -> str:
     return f"cd {shlex.quote(str(Path.cwd()))} && " + shlex.join(["python", str(Path(__file__)), *argv])
 
 
+def log_campaign(out: Path, text: str) -> None:
+    """Appends a dated line to `out/campaign.log`: what each invocation started, stopped and left."""
+    with (out / "campaign.log").open("a") as f:
+        f.write(f"{now_text()} {text}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    started = time.monotonic()
     args, extra = parse(argv)
     env, shown_env = child_environment(os.environ, args.parallel, gpu=shutil.which("nvidia-smi") is not None)
     out = (Path(os.path.abspath(args.out)) if args.out
@@ -676,18 +831,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{run.name}: complete ({run.epochs} epochs logged, no backup), skipped")
         else:
             todo.append(run)
-    interrupted = False
+    outcome = "done"
     if todo:
         environment = probe_environment(env)
         harness = harness_command(argv)
-        interrupted = execute(todo, env, shown_env, args.parallel, environment, harness)
+        deadline = (Deadline(started + args.stop_after, args.stop_margin) if args.stop_after is not None
+                    else None)
+        log_campaign(out, f"start: {harness}")
+        outcome = execute(todo, env, shown_env, args.parallel, environment, harness, deadline)
     results = write_table(out, args.epochs)
     print(f"Table written to {display_path(out / 'results.md')}")
     asked = {run.name for run in runs}
     failed = [r for r in results if r.failed and r.name in asked]
     for r in failed:
         print(f"{r.name}: {r.status}", file=sys.stderr)
-    return 130 if interrupted else 1 if failed else 0
+    unfinished = [run.name for run in runs if not is_complete(run.save_dir, run.epochs)]
+    if todo:
+        log_campaign(out, f"end ({outcome}): {len(runs) - len(unfinished)}/{len(runs)} runs complete"
+                          + (f"; unfinished: {', '.join(unfinished)}" if unfinished else ""))
+    if outcome == "deadline" and not failed:
+        print(f"stopped for the deadline: {len(unfinished)} run(s) unfinished ({', '.join(unfinished)}); "
+              "rerun the same command to resume them", file=sys.stderr)
+        return EXIT_DEADLINE
+    return 130 if outcome == "interrupted" else 1 if failed else 0
 
 
 if __name__ == "__main__":

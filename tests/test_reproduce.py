@@ -328,3 +328,131 @@ def test_a_failing_run_is_reported_and_the_harness_exits_non_zero(tiny_npz: Path
     assert "v1-seed0: FAILED (exit 2): error: --lr_decay 1.5: must be in (0, 1]" in result.stdout
     assert ("| v1-seed0 | failed (exit 2): error: --lr_decay 1.5: must be in (0, 1] | — |"
             in (out / "results.md").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# The baseline and MultiMNIST rows, and --stop_after
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant, flags", [
+    ("baseline", ["--model", "baseline"]),
+    ("multimnist", ["--multimnist", "--routings", "3", "--lam_recon", "0.392"]),
+])
+def test_baseline_and_multimnist_run_the_cli_with_their_flags(variant: str, flags: list[str]) -> None:
+    out = REPO_ROOT / "experiments" / "runs" / "x"
+    run = reproduce.Run(variant, 1, 50, "mnist", out, ("--steps_per_execution", "10"))
+    assert run.cli_args() == ["capsulenet.py", *flags, "--epochs", "50", "--seed", "1", "--dataset",
+                              "mnist", "--save_dir", f"experiments/runs/x/{variant}-seed1",
+                              "--steps_per_execution", "10"]
+
+
+@pytest.mark.parametrize("extra", [["--model", "capsnet"], ["--multimnist"]])
+def test_variant_flags_are_refused_after_the_separator(extra: list[str]) -> None:
+    result = run_script(HARNESS, "--dry_run", "--", *extra, env=harness_env(), timeout=60)
+    assert result.returncode == 2 and "the harness sets it for each run" in result.stderr
+
+
+def test_deadline_stops_at_the_epoch_end_after_which_the_next_would_not_fit() -> None:
+    """Deadline at t = 100 s with a 10 s margin: runs must be stopping by t = 90 s."""
+    deadline = reproduce.Deadline(end=100.0, margin=10.0)
+    assert deadline.stop_at == 90.0
+    assert not deadline.stop_after_epoch([])  # still starting
+    assert not deadline.stop_after_epoch([5.0])  # in its first epoch: nothing backed up yet
+    assert not deadline.stop_after_epoch([5.0, 40.0])  # epoch 2 began at 40, ends ~75 (35 s): fits
+    assert deadline.stop_after_epoch([5.0, 50.0])  # began at 50, ends ~95: would not
+    assert deadline.stop_after_epoch([5.0, 40.0, 80.0])  # began at 80, ends ~120
+    assert not deadline.stop_after_epoch([5.0, 40.0, 60.0])  # the latest epoch's 20 s: ends ~80
+    # A new run needs its first epoch (start-up included) before 90 s.
+    assert deadline.may_start(70.0, 15.0) and not deadline.may_start(80.0, 15.0)
+    assert deadline.may_start(89.0, 0.0) and not deadline.may_start(90.0, 0.0)
+
+
+def test_a_run_paused_at_the_deadline_is_no_failure(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    write_log(out / "v4-seed0", [0.99, 0.995])
+    (out / "v4-seed0" / "backup").mkdir()
+    write_record(out / "v4-seed0", epochs=5, returncode=130, stopped="deadline", error="interrupted")
+    write_log(out / "v4-seed1", [0.99])
+    write_record(out / "v4-seed1", epochs=5, returncode=130, error="interrupted")  # Ctrl-C: not paused
+    results = reproduce.collect(out)
+    assert [r.status for r in results] == [
+        "paused at the deadline (2/5 epochs; the next invocation resumes it)",
+        "interrupted (exit 130): interrupted"]
+    assert [r.failed for r in results] == [False, True]
+    assert not results[0].ok
+
+
+@pytest.mark.parametrize("flags", [["--stop_after", "10", "--stop_margin", "10"],
+                                   ["--stop_after", "10", "--stop_margin", "-1"]])
+def test_stop_margin_must_be_below_stop_after(flags: list[str]) -> None:
+    result = run_script(HARNESS, "--dry_run", *flags, env=harness_env(), timeout=60)
+    assert result.returncode == 2 and "give 0 <= margin < seconds" in result.stderr
+
+
+@pytest.fixture
+def campaign_npz(tmp_path: Path) -> Path:
+    return save_npz(tmp_path / "two-hundred.npz", synthetic_raw(200, 40))
+
+
+CAMPAIGN_CLI = ["--", "--batch_size", "100", "--shift_fraction", "0"]  # 2 steps per epoch
+
+
+@pytest.mark.slow
+def test_deadline_at_an_epoch_end_then_the_next_invocation_resumes(
+        campaign_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """v1 × seeds 0 and 1 at once, 2 epochs of 200 images. The first invocation's deadline falls in
+    epoch 2 (made certain here whatever the machine's speed: the stopping rule, tested above with
+    numbers, is told that the next epoch would not fit as soon as one epoch is backed up): both runs
+    stop right after epoch 1, which the second invocation does not train again."""
+    out = tmp_path / "runs"
+    args = ["--dataset", str(campaign_npz), "--variants", "v1", "--seeds", "0,1", "--epochs", "2",
+            "--parallel", "2", "--out", str(out)]
+    for key, value in harness_env(TF_CPP_MIN_LOG_LEVEL="3").items():
+        monkeypatch.setenv(key, value)
+    with monkeypatch.context() as patch:
+        patch.setattr(reproduce.Deadline, "stop_after_epoch", lambda self, starts: len(starts) >= 2)
+        assert reproduce.main([*args, "--stop_after", "3600", *CAMPAIGN_CLI]) == reproduce.EXIT_DEADLINE
+    assert "rerun the same command to resume them" in capsys.readouterr().err
+    first = {}
+    for seed in (0, 1):
+        folder = out / f"v1-seed{seed}"
+        record = json.loads((folder / "run.json").read_text())
+        assert record["stopped"] == "deadline" and record["returncode"] != 0
+        assert json.loads((folder / "backup" / "state.json").read_text())["epoch"] == 1
+        first[seed] = pd.read_csv(folder / "log.csv")
+        assert list(first[seed]["epoch"]) == [0]
+    assert "| v1-seed0 | paused at the deadline (1/2 epochs;" in (out / "results.md").read_text()
+
+    assert reproduce.main([*args, *CAMPAIGN_CLI]) == 0
+    for seed in (0, 1):
+        folder = out / f"v1-seed{seed}"
+        log = pd.read_csv(folder / "log.csv")
+        assert list(log["epoch"]) == [0, 1]
+        pd.testing.assert_frame_equal(log.iloc[:1], first[seed])
+        assert "Resuming after epoch 1" in (folder / "stdout.log").read_text()
+        record = json.loads((folder / "run.json").read_text())
+        assert record["attempts"] == 2 and record["returncode"] == 0 and not (folder / "backup").exists()
+    lines = (out / "campaign.log").read_text().splitlines()
+    assert [line.split(" ", 2)[1] for line in lines] == ["start:", "end", "start:", "end"]
+    assert lines[1].endswith("end (deadline): 0/2 runs complete; unfinished: v1-seed0, v1-seed1")
+    assert lines[3].endswith("end (done): 2/2 runs complete")
+    assert "| v1 | 1 | 0.0 | 2/2 | 2 |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_deadline_before_any_epoch_end_stops_everything_and_starts_nothing_more(
+        campaign_npz: Path, tmp_path: Path) -> None:
+    """--stop_after 4 with a 2 s margin: SIGTERM at 2 s, before the CLI can even load its data; the
+    second run (one at a time) is never started."""
+    out = tmp_path / "runs"
+    result = run_script(HARNESS, "--dataset", str(campaign_npz), "--variants", "v1", "--seeds", "0,1",
+                        "--epochs", "2", "--out", str(out), "--stop_after", "4", "--stop_margin", "2",
+                        *CAMPAIGN_CLI, env=harness_env(TF_CPP_MIN_LOG_LEVEL="3"), timeout=120)
+    assert result.returncode == reproduce.EXIT_DEADLINE, describe(result)
+    assert "deadline: 1 run(s) not started (v1-seed1)" in result.stdout
+    record = json.loads((out / "v1-seed0" / "run.json").read_text())
+    assert record["stopped"] == "deadline" and record["returncode"] != 0
+    assert not (out / "v1-seed0" / "backup").exists() and not (out / "v1-seed1").exists()
+    assert "| v1-seed0 | paused at the deadline (0/2 epochs;" in (out / "results.md").read_text()

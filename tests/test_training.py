@@ -358,3 +358,20 @@ def test_the_command_line_flags_reach_the_batches(runs: dict[str, Run]) -> None:
 
     assert runs["decay_05"].batch_calls == [call(0.2, epoch) for epoch in range(3)]
     assert runs["no_recon"].batch_calls == [call(0.0, 0)]
+
+
+def test_stack_batches_groups_k_batches_along_a_new_first_axis() -> None:
+    """7 batches of (x [2, 1], y [2]) in groups of 3: shapes [3, 2, 1], [3, 2, 1], [1, 2, 1]; batch i
+    holds the value i, so each group's content is known by hand."""
+    batches = [(np.full((2, 1), i, dtype="float32"), np.full(2, 10 + i)) for i in range(7)]
+    groups = list(training.stack_batches(iter(batches), 3))
+    assert [g[0].shape for g in groups] == [(3, 2, 1), (3, 2, 1), (1, 2, 1)]
+    assert [g[1].shape for g in groups] == [(3, 2), (3, 2), (1, 2)]
+    assert [g[0][:, 0, 0].tolist() for g in groups] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert [g[1][:, 1].tolist() for g in groups] == [[10, 11, 12], [13, 14, 15], [16]]
+    assert [g[0].shape[0] for g in training.stack_batches(iter(batches[:6]), 3)] == [3, 3]
+
+
+def test_steps_per_execution_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert capsulenet.main(["--steps_per_execution", "0", "--save_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "error: --steps_per_execution 0: must be >= 1\n"
