@@ -1,21 +1,14 @@
-"""Keras 3 implementation of CapsNet (Sabour, Frosst & Hinton, NIPS 2017): the command line.
+"""CapsNet (Sabour, Frosst & Hinton, "Dynamic Routing Between Capsules", NIPS 2017): the command line.
 
-The current version trains CapsNet on MNIST (by default), Fashion-MNIST or local data, tests a trained
-model and draws how each capsule dimension changes a reconstruction, classifies new images and exports
-the model. This file reads and checks the flags and runs one function per mode (`run_train`,
-`run_test` with its `--explore` page, `run_predict`, `run_export`); each hands the flags' values to
-the modules below it as plain parameters: the model is in `capsnet_model.py`, the test and the
-manipulation plot in `evaluation.py`, the training loop in `training.py`, the data in `datasets.py`
-(README: "Layout").
+Trains CapsNet on MNIST (by default), Fashion-MNIST or local data, tests a trained model and draws how
+each capsule dimension changes a reconstruction, classifies new images and exports the model. This
+file reads and checks the flags and runs one function per mode (`run_train`, `run_test`, `run_predict`,
+`run_export`), handing the flags' values to the `capsnet` package as plain parameters.
 
 Usage:
     python capsulenet.py
-    python capsulenet.py --epochs 50 --routings 3
     python capsulenet.py -t -w result/trained_model.h5 --dataset mnist.npz --digit 5 --explore
     python capsulenet.py -h
-
-Result: the model shipped in `result/` (50 epochs, this CLI) tests at 99.64% on MNIST; the original
-project reported 99.66% for the same setting (README: "Results").
 """
 
 from __future__ import annotations
@@ -52,7 +45,6 @@ from capsnet import (
 from capsnet.backup import Backup  # noqa: E402
 from capsnet.errors import DataError, TrainingDivergedError, UserError  # noqa: E402
 from capsnet.evaluation import (  # noqa: E402, F401
-    PERTURBATIONS,
     manipulate_latent,
     perturbation_grid,
     pick_sample,
@@ -61,15 +53,7 @@ from capsnet.evaluation import (  # noqa: E402, F401
 )
 from capsnet.layers import CONV_IMPLEMENTATIONS  # noqa: E402
 from capsnet.losses import margin_loss  # noqa: E402, F401
-
-# F401: scripts and tests also reach these as `capsulenet.X` (the original's `CapsNet`, `margin_loss`,
-# `train`, `test`, `manipulate_latent`, and this port's additions); they live in the modules named.
-from capsnet.model import (  # noqa: E402, F401
-    CAPSULE_DIM,
-    CapsNet,
-    compile_like_original,
-    two_digit_train_model,
-)
+from capsnet.model import CapsNet, two_digit_train_model  # noqa: E402, F401
 from capsnet.training import train  # noqa: E402, F401
 
 BACKUP_DIR = "backup"
@@ -235,15 +219,6 @@ def check_data(args: argparse.Namespace, data: datasets.Dataset) -> None:
                         "for two 9x9 convolutions (need at least 25x25)")
 
 
-def mixed_precision_policy() -> str:
-    """`mixed_bfloat16` on every device.
-
-    float16 was measured to stall at chance on a GPU (Fashion-MNIST, 5 epochs, loss scaling on;
-    bench/RESULTS.md), while bfloat16 learned as float32 did: bfloat16 keeps float32's exponent range.
-    """
-    return "mixed_bfloat16"
-
-
 def setup(args: argparse.Namespace) -> tuple[datasets.Dataset, list[str]]:
     """Draws a seed if none was given (into `args.seed`, so that backups record it), seeds every
     generator, sets the precision policy and loads the data and its class names."""
@@ -329,7 +304,7 @@ def run_train(args: argparse.Namespace, data: datasets.Dataset, class_names: Seq
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     per_device = max(1, config.batch_size // replicas)
     autotune.tune_model(built.model, per_device, explicit=args.conv_implementation)
-    warn_if_slow_backend(built.model, per_device)
+    autotune.warn_if_slow_backend(built.model, per_device)
     flags = {k: getattr(args, k) for k in RESUME_FLAGS}
     if args.multimnist:  # only then: backups of single-digit runs made before this flag still resume
         flags.update(multimnist=True, multimnist_test_pairs=args.multimnist_test_pairs)
@@ -425,29 +400,6 @@ def _show_and_load(args: argparse.Namespace, model: keras.Model, is_chief: bool,
             on_model(model)
     if args.weights is not None:
         print(f"Loaded weights from {saving.load_weights(model, args.weights)}")
-
-
-def warn_if_slow_backend(model: keras.Model, batch_size: int) -> None:
-    """One line when JAX trains on a CPU, where another backend may be faster. Which one is depends on
-    the CPU, so the line states what this machine measured (the model's convolutions, forward +
-    backward, from the autotune cache) and stays silent where JAX measured no slower; without such a
-    measurement it says how to measure, with no number."""
-    if keras.backend.backend() != "jax":
-        return
-    import jax
-
-    if jax.default_backend() != "cpu":
-        return
-    measured = autotune.seconds_by_backend(model, batch_size)
-    if "jax" in measured and "tensorflow" in measured:
-        if measured["jax"] > measured["tensorflow"]:
-            print(f"Warning: JAX is running on the CPU, where this machine measured the model's "
-                  f"convolutions (forward + backward, batch {batch_size}) at {measured['jax'] * 1e3:.0f} ms "
-                  f"on JAX against {measured['tensorflow'] * 1e3:.0f} ms on TensorFlow (autotune cache): "
-                  "TensorFlow, the default backend, may train faster here (unset KERAS_BACKEND).")
-        return
-    print("Note: JAX is running on the CPU. Which backend trains fastest on a CPU depends on the CPU: "
-          "`python bench/epoch.py --dataset DATA --backends tensorflow jax torch` measures them here.")
 
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None,

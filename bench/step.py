@@ -67,7 +67,7 @@ import keras  # noqa: E402
 import original_formulation as original  # noqa: E402
 
 import capsulenet  # noqa: E402
-from capsnet import machine  # noqa: E402
+from capsnet import autotune, machine  # noqa: E402
 
 VARIANTS = ("product", "baseline", "product-xla", "product-mp", "product-im2col", "product-conv")
 DEFAULT_VARIANTS = VARIANTS[:4]
@@ -99,7 +99,7 @@ def build_variant(name: str, source: keras.Model | None = None) -> Variant:
         note = f"tile + map_fn u_hat, {original.shift_backend()} per-image shifts, no XLA"
         return Variant(name, "baseline", common.build_original(source=source), note)
     options = {"product": {}, "product-xla": {"jit_compile": True},
-               "product-mp": {"policy": capsulenet.mixed_precision_policy()},
+               "product-mp": {"policy": autotune.BFLOAT16_POLICY},
                "product-im2col": {"implementation": "im2col"},
                "product-conv": {"implementation": "conv"}}
     if name not in options:

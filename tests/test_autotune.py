@@ -14,14 +14,14 @@ import keras
 import numpy as np
 import pytest
 
-from capsnet import autotune, im2col, machine
+from capsnet import autotune, decisions, im2col, machine
 from capsnet.layers import Conv2D
 
 
 @pytest.fixture(autouse=True)
 def _tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv(autotune.ENV_AUTOTUNE, "on")
-    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.setenv(decisions.ENV_CACHE_DIR, str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
@@ -79,8 +79,8 @@ def test_a_cached_decision_is_not_timed_again(_tmp_cache: Path) -> None:
     timer = Timer(im2col=0.5, conv=0.2)
     autotune.tune_model(small_model(), 8, timer=timer, say=lambda line: None)
     assert len(timer.calls) == 1
-    record = json.loads((_tmp_cache / autotune.CACHE_FILE).read_text())
-    assert record["version"] == autotune.CACHE_VERSION
+    record = json.loads((_tmp_cache / decisions.CACHE_FILE).read_text())
+    assert record["version"] == decisions.CACHE_VERSION
     assert [e["choice"] for e in record["entries"].values()] == ["conv"]
 
     lines: list[str] = []
@@ -122,7 +122,7 @@ def test_a_corrupt_cache_is_ignored_with_one_line_and_rewritten(content: bytes, 
                                                                 tmp_path: Path) -> None:
     marker = tmp_path / "executed"
     _tmp_cache.mkdir()
-    cache_file = _tmp_cache / autotune.CACHE_FILE
+    cache_file = _tmp_cache / decisions.CACHE_FILE
     cache_file.write_bytes(content.replace(b"MARKER", str(marker).encode()))
     lines: list[str] = []
     timer = Timer(im2col=0.2, conv=0.5)
@@ -131,7 +131,7 @@ def test_a_corrupt_cache_is_ignored_with_one_line_and_rewritten(content: bytes, 
     assert len(timer.calls) == 1
     warnings = [line for line in lines if line.startswith("Warning")]
     assert len(warnings) == 1 and str(cache_file) in warnings[0] and "\n" not in warnings[0]
-    assert json.loads(cache_file.read_text())["version"] == autotune.CACHE_VERSION  # rewritten, valid
+    assert json.loads(cache_file.read_text())["version"] == decisions.CACHE_VERSION  # rewritten, valid
 
 
 def test_an_explicit_choice_wins_without_timing() -> None:
@@ -307,7 +307,7 @@ def test_timing_stops_once_the_choice_is_clear(monkeypatch: pytest.MonkeyPatch) 
 def test_seconds_by_backend_reads_this_machines_decisions_of_every_backend(tmp_path: Path) -> None:
     """The convolution's best time per backend, for this machine, layer shapes and float32 only."""
     model = small_model()
-    cache = autotune.DecisionCache(tmp_path / "decisions.json", say=lambda line: None)
+    cache = decisions.DecisionCache(tmp_path / "decisions.json", say=lambda line: None)
     key = autotune.conv_key(model.get_layer("primary").get_config(), (8, 7, 7, 2), "float32", True)
     cache.put(key, {"choice": "im2col", "seconds": {"im2col": 0.2, "conv": 0.5}})
     cache.put({**key, "backend": "jax", "jax": "0.10.2"}, {"choice": "conv", "seconds": {"im2col": 0.9,
@@ -330,11 +330,9 @@ def test_jax_on_a_cpu_states_what_this_machine_measured_or_no_number(
         capsys: pytest.CaptureFixture) -> None:
     import re
 
-    import capsulenet
-
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     monkeypatch.setattr(autotune, "seconds_by_backend", lambda model, batch: measured)
-    capsulenet.warn_if_slow_backend(None, 100)
+    autotune.warn_if_slow_backend(None, 100)
     printed = capsys.readouterr().out
     if want is None:
         assert printed == ""

@@ -26,7 +26,7 @@ def test_the_autotuner_times_both_convolutions_on_pytorch(tmp_path: Path) -> Non
     script.write_text(
         "import json, sys\n"
         f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
-        "import keras, capsulelayers\nfrom capsnet import autotune\n"
+        "import keras, capsulelayers\nfrom capsnet import autotune, decisions\n"
         "x = keras.Input((9, 9, 3))\n"
         "h = capsulelayers.Conv2D(4, 3, name='first')(x)\n"
         "model = keras.Model(x, capsulelayers.Conv2D(4, 3, strides=2, name='primary')(h))\n"
@@ -35,7 +35,7 @@ def test_the_autotuner_times_both_convolutions_on_pytorch(tmp_path: Path) -> Non
         "    seconds[config['name']] = autotune.time_conv_candidates(config, input_shape, input_grad,\n"
         "                                                            policy, rounds=1)\n"
         "    return seconds[config['name']]\n"
-        "import pathlib; cache = autotune.DecisionCache(pathlib.Path(sys.argv[1]))\n"
+        "import pathlib; cache = decisions.DecisionCache(pathlib.Path(sys.argv[1]))\n"
         "choices = autotune.tune_model(model, 2, cache=cache, timer=timer)\n"
         "print('RESULT', json.dumps({'seconds': seconds, 'choices': choices}))\n")
     result = run_on_backend("torch", str(script), str(tmp_path / "decisions.json"), CAPSNET_AUTOTUNE="on")
