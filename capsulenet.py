@@ -44,13 +44,7 @@ from capsnet import (
 )
 from capsnet.backup import Backup  # noqa: E402
 from capsnet.errors import DataError, TrainingDivergedError, UserError  # noqa: E402
-from capsnet.evaluation import (  # noqa: E402, F401
-    manipulate_latent,
-    perturbation_grid,
-    pick_sample,
-    test,
-    test_two_digits,
-)
+from capsnet.evaluation import manipulate_latent, test, test_two_digits  # noqa: E402, F401
 from capsnet.layers import CONV_IMPLEMENTATIONS  # noqa: E402
 from capsnet.losses import margin_loss  # noqa: E402, F401
 from capsnet.model import CapsNet, two_digit_train_model  # noqa: E402, F401

@@ -39,7 +39,7 @@ import report  # noqa: E402
 import step  # noqa: E402
 
 import capsulenet  # noqa: E402
-from capsnet import im2col  # noqa: E402
+from capsnet import evaluation, im2col  # noqa: E402
 from capsnet.losses import per_sample_terms  # noqa: E402
 
 # Tolerances of the product-vs-baseline comparisons (float32, different summation orders).
@@ -188,7 +188,7 @@ def test_manipulation_grids_agree(models: dict, tmp_path: Path) -> None:
     assert (tmp_path / "manipulate-5.png").is_file()
     decoder = models["product"].train_model.get_layer("decoder")
     label = np.eye(10, dtype="float32")[5]
-    noise_only = decoder.predict((capsulenet.perturbation_grid(10) * label[None, :, None]).reshape(176, -1),
+    noise_only = decoder.predict((evaluation.perturbation_grid(10) * label[None, :, None]).reshape(176, -1),
                                  verbose=0)
     assert np.abs(grid_p - noise_only).max() > 100 * RECON_TOL["atol"]
 
@@ -203,8 +203,8 @@ def test_comparisons_fail_for_another_encoder(models: dict, tmp_path: Path) -> N
     with contextlib.redirect_stdout(io.StringIO()):
         grid_p = capsulenet.manipulate_latent(models["product"].manipulate_model, (grid_x, grid_y), 5,
                                               tmp_path, rng=np.random.default_rng(1))
-    index = capsulenet.pick_sample(grid_y, 5, np.random.default_rng(1))
-    noise = capsulenet.perturbation_grid(10)
+    index = evaluation.pick_sample(grid_y, 5, np.random.default_rng(1))
+    noise = evaluation.perturbation_grid(10)
     grid_inputs = [np.repeat(grid_x[index : index + 1], len(noise), axis=0),
                    np.repeat(grid_y[index : index + 1], len(noise), axis=0), noise]
     np.testing.assert_allclose(models["baseline"].manipulate_model.predict(grid_inputs, verbose=0), grid_p,

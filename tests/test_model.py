@@ -20,7 +20,7 @@ from conftest import child_env, describe, run_script
 from PIL import Image
 
 import capsulenet
-from capsnet import plots, saving
+from capsnet import evaluation, plots, saving
 from capsnet.errors import UserError
 
 INPUT_SHAPE = (28, 28, 1)
@@ -317,7 +317,7 @@ def two_fives() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_perturbation_grid_rows_are_dimensions_and_columns_shifts() -> None:
-    noise = capsulenet.perturbation_grid(10)
+    noise = evaluation.perturbation_grid(10)
     assert noise.shape == (176, 10, 16)
     for dim in range(16):
         for col, shift in enumerate(PERTURBATIONS):
@@ -331,7 +331,7 @@ def test_manipulation_can_pick_every_sample_of_the_digit(seeded: bool) -> None:
     _, y = two_fives()
     rng = np.random.default_rng(1) if seeded else None
     # Both of two samples appear in 40 draws with probability 1 - 2**-39.
-    picked = {capsulenet.pick_sample(y, 5, rng) for _ in range(40)}
+    picked = {evaluation.pick_sample(y, 5, rng) for _ in range(40)}
     assert picked == {3, 7}
 
 
@@ -347,7 +347,7 @@ def test_manipulation_equals_the_manipulate_model_on_176_copies(models: Models, 
     _, _, manipulate_model = models
     x, y = images(4, seed=21), one_hot([1, 5, 2, 3])
     recons = capsulenet.manipulate_latent(manipulate_model, (x, y), digit=5, save_dir=tmp_path)
-    copies = [np.repeat(x[1:2], 176, 0), np.repeat(y[1:2], 176, 0), capsulenet.perturbation_grid(10)]
+    copies = [np.repeat(x[1:2], 176, 0), np.repeat(y[1:2], 176, 0), evaluation.perturbation_grid(10)]
     want = np.asarray(manipulate_model(copies))
     np.testing.assert_allclose(recons, want, atol=1e-5)
     image = Image.open(tmp_path / "manipulate-5.png")
