@@ -76,9 +76,13 @@ class Cluster:
         return self.rank == 0
 
     @property
+    def peer(self) -> str:
+        """What one process is called in messages: "worker" (TF_CONFIG's tasks) or "process"."""
+        return "worker" if self.kind in TF_TASK_TYPES else "process"
+
+    @property
     def peers(self) -> str:
-        """What the processes are called together, for messages: "workers", "processes", "ranks"."""
-        return {"chief": "workers", "worker": "workers", "process": "processes"}.get(self.kind, "ranks")
+        return f"{self.peer}s" if self.peer == "worker" else "processes"
 
     @property
     def backup_dir_name(self) -> str:
@@ -121,9 +125,17 @@ def _missing(environ: Mapping[str, str], variables: tuple[str, ...], what: str) 
     given = [v for v in variables if environ.get(v, "").strip()]
     missing = [v for v in variables if not environ.get(v, "").strip()]
     if given and missing:
-        raise UserError(f"{', '.join(given)} set but {' and '.join(missing)} not: {what} needs all of "
-                        f"{', '.join(variables)}; set the missing one(s) on every process, or unset them all "
-                        "to train on this machine alone")
+        raise UserError(f"{_and(missing)} {_is(missing)} not set ({_and(given)} {_is(given)}): {what} needs "
+                        f"all of {', '.join(variables)}; set {'it' if len(missing) == 1 else 'them'} on "
+                        "every process, or unset the others to train on this machine alone")
+
+
+def _and(names: list[str]) -> str:
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def _is(names: list[str]) -> str:
+    return "is" if len(names) == 1 else "are"
 
 
 def _in_range(value: int, variable: str, size: int, size_variable: str) -> None:
@@ -186,12 +198,13 @@ def jax_cluster(environ: Mapping[str, str]) -> Cluster | None:
 
 
 def torch_cluster(environ: Mapping[str, str]) -> Cluster | None:
-    """The group torchrun's variables describe; None when none of them is set.
+    """The group torchrun's variables describe; None when none of `WORLD_SIZE`, `RANK`, `LOCAL_RANK` is
+    set (`MASTER_ADDR` / `MASTER_PORT` alone are a scheduler's defaults, not a group).
 
     Raises:
         UserError: a partial set, a non-integer, a rank out of range or a malformed address or port.
     """
-    if not any(environ.get(v, "").strip() for v in TORCH_VARS):
+    if not any(environ.get(v, "").strip() for v in CLAIMS["torch"]):
         return None
     _missing(environ, TORCH_VARS, "multi-process PyTorch (torchrun)")
     size = _integer(environ, "WORLD_SIZE", "the number of processes")

@@ -102,7 +102,7 @@ def train(cluster: Cluster, engine: Engine, *, join_timeout: float, batch_size: 
             seed = agree_on_seed(engine.sum, seed, cluster.is_chief)
             if cluster.is_chief:
                 print(engine.describe())
-            agree_on_resume_point(backup_dir, epochs, engine.sum, peer=cluster.kind)
+            agree_on_resume_point(backup_dir, epochs, engine.sum, peer=cluster.peer)
             with engine.training():
                 run(seed, cluster.is_chief, str(backup_dir))
             if cluster.is_chief:
@@ -125,7 +125,7 @@ def lost_peer_message(cluster: Cluster, error: BaseException, backup_dir: Path) 
     lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines()]
     reason = next((line for line in lines if line and not line.startswith(skip)), type(error).__name__)
     return (f"error: {cluster.name} lost contact with the other {cluster.peers} ({type(error).__name__}: "
-            f"{reason[:200]}); rerun every {cluster.kind.replace('chief', 'worker')} with the same flags "
+            f"{reason[:200]}); rerun every {cluster.peer} with the same flags "
             f"to resume from the last completed epoch (state in {backup_dir})")
 
 
@@ -157,12 +157,11 @@ def agree_on_resume_point(backup_dir: str | Path, epochs: int, total: Callable[[
         epochs: the run's length (a finished backup counts as its last epoch).
         total: the element-wise sum over the processes (`Engine.sum`); the earliest epoch is the first
             nonzero count of a sum of one-hot vectors.
-        peer: what the processes are called in the messages ("worker", "process", "rank").
+        peer: what a process is called in the messages ("worker", "process").
 
     Raises:
         UserError: this process no longer holds the common epoch's backup.
     """
-    peer = peer.replace("chief", "worker")
     backup = Backup(backup_dir)
     latest = min(backup.latest_epoch(), epochs)
     counts = total([int(e == latest) for e in range(epochs + 1)])

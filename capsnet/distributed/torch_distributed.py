@@ -18,23 +18,16 @@ import contextlib
 import datetime
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from capsnet.distributed import flow
-from capsnet.distributed.cluster import TORCH_VARS, Cluster
+from capsnet.distributed.cluster import Cluster
 from capsnet.errors import UserError
 
 # How long a collective waits for a peer before failing. A dead peer is noticed at once (its socket
 # closes); this bounds a hung one, and must outlast the chief's test on the whole test set, which the
 # other processes wait for at the final barrier.
 TIMEOUT = datetime.timedelta(minutes=30)
-
-
-def launched_by_torchrun(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether the process was started by torchrun, or by hand with (some of) its variables: then it
-    joins them (`cluster.torch_cluster` refuses a partial set), rather than starting torchrun."""
-    environ = os.environ if environ is None else environ
-    return any(environ.get(v, "").strip() for v in TORCH_VARS)
 
 
 def check_gpus(cpu: bool, gpus: int) -> None:
