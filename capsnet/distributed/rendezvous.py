@@ -175,18 +175,12 @@ def _visit(cluster: Cluster, deadline: float, timeout_s: float) -> None:
             continue
         with sock:
             answered = True
-            sock.sendall(f"{HELLO} {cluster.rank} {cluster.size}\n".encode())
-            sock.settimeout(POLL_S)
-            while time.monotonic() < deadline:
-                try:
-                    reply = sock.recv(512).decode(errors="replace")
-                except TimeoutError:
-                    continue
-                if reply.startswith("go"):
-                    return
-                if reply.startswith("refused "):
-                    raise UserError(f"{cluster.variable}: {cluster.name} refused: {reply[8:].strip()}")
-                break  # the chief went away: try again until the deadline
+            reply = _await_answer(sock, f"{HELLO} {cluster.rank} {cluster.size}\n", deadline)
+        if reply.startswith("go"):
+            return
+        if reply.startswith("refused "):
+            raise UserError(f"{cluster.variable}: {cluster.name} refused: {reply[8:].strip()}")
+        time.sleep(POLL_S)  # the chief went away (or gave up): try again until the deadline
     if answered:
         raise JoinTimeoutError(f"{cluster.name} waited {timeout_s:g} s (--join_timeout): {chief} answered "
                           f"but not every one of the {cluster.size} {cluster.peers} "
@@ -195,6 +189,21 @@ def _visit(cluster: Cluster, deadline: float, timeout_s: float) -> None:
     raise JoinTimeoutError(f"{cluster.name} waited {timeout_s:g} s (--join_timeout) for {chief}, which "
                       "never answered; start it (and check "
                       f"{cluster.variable}), or raise --join_timeout")
+
+
+def _await_answer(sock: socket.socket, hello: str, deadline: float) -> str:
+    """Says `hello` to the chief and returns its answer; '' when it went away or the deadline passed."""
+    try:
+        sock.sendall(hello.encode())
+        sock.settimeout(POLL_S)
+        while time.monotonic() < deadline:
+            try:
+                return sock.recv(512).decode(errors="replace")
+            except TimeoutError:
+                continue
+    except OSError:  # the chief closed the connection: reset by peer, broken pipe
+        pass
+    return ""
 
 
 class SignalWatch:
