@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(line_buffering=True)
     code = capsulenet.main(argv, parser=build_parser(), runner=train_distributed)
     if code and flow.has_joined():  # the engines' exit handlers would wait for the other processes
-        rendezvous.end(code, "")
+        rendezvous.end(code)
     return code
 
 

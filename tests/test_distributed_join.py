@@ -7,8 +7,8 @@
   sockets: everyone meets; the chief names exactly who never came; a rank given twice is refused.
 - Real processes of `capsulenet-multi-gpu.py` on localhost, per engine: a bad variable is one
   `error:` line and exit 2; a process whose peer never comes says it waits (in a file, so flushed),
-  then exits 1 with one line within `--join_timeout`; Ctrl-C while it waits ends it with exit 130
-  and leaves the backup as it was. A slow one: Ctrl-C while a peer hangs in a collective.
+  then exits 1 with one line within `--join_timeout`; Ctrl-C or SIGTERM while it waits ends it with
+  exit 130 and leaves the backup as it was. A slow one: Ctrl-C while a peer hangs in a collective.
 """
 
 from __future__ import annotations
@@ -256,10 +256,12 @@ def test_a_peer_that_never_comes_is_named_within_the_join_timeout(engine: str, t
     assert "which never joined" in error and "Traceback" not in text
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_ctrl_c_while_waiting_ends_with_130_and_keeps_the_backup(engine: str, tiny_npz: Path,
+@pytest.mark.parametrize(("engine", "signum"), [
+    ("tensorflow", signal.SIGINT), ("jax", signal.SIGTERM), ("torch", signal.SIGINT)])
+def test_ctrl_c_while_waiting_ends_with_130_and_keeps_the_backup(engine: str, signum: int, tiny_npz: Path,
                                                                  tmp_path: Path) -> None:
-    """Rank 1 waits for a chief that never comes; Ctrl-C once its waiting line is in the file."""
+    """Rank 1 waits for a chief that never comes; Ctrl-C (or a polite kill) once its waiting line is in
+    the file."""
     _skip_if_missing(engine)
     kind = {"tensorflow": "worker", "jax": "process", "torch": "rank"}[engine]
     backup = tmp_path / "rank-1" / f"backup-{kind}-1"
@@ -272,7 +274,7 @@ def test_ctrl_c_while_waiting_ends_with_130_and_keeps_the_backup(engine: str, ti
         while ": waiting for " not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert proc.poll() is None, log.read_text()[-3000:]
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         code = proc.wait(timeout=30)
     finally:
         proc.kill()

@@ -256,10 +256,11 @@ def watching_signals(message: Callable[[], str]) -> Iterator[None]:
         watch.stop()
 
 
-def end(code: int, line: str) -> None:
-    """Prints `line` on stderr and ends the process now with `code`, skipping the engines' exit
+def end(code: int, line: str = "") -> None:
+    """Prints `line` (if any) on stderr and ends the process now with `code`, skipping the engines' exit
     handlers: they would wait for the lost or hung peers (JAX's shutdown barrier, a collective)."""
-    print(line, file=sys.stderr)
+    if line:
+        print(line, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
