@@ -300,6 +300,8 @@ def test_ctrl_c_while_a_peer_hangs_in_a_collective(tiny_npz: Path, tmp_path: Pat
         while not state.exists() and chief.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert state.exists(), chief_log.read_text()[-3000:]
+        # Written to a file, the epoch lines are there while the process runs, not at its exit.
+        assert "Epoch 1/4" in chief_log.read_text() and chief.poll() is None, chief_log.read_text()[-3000:]
         other.send_signal(signal.SIGSTOP)
         time.sleep(1)
         chief.send_signal(signal.SIGINT)

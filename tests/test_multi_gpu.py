@@ -88,6 +88,14 @@ def test_original_flags_and_defaults(mgpu: ModuleType) -> None:
     assert (args.batch_size, args.gpus, args.epochs, args.lr, args.lr_decay) == (300, 2, 50, 0.001, 0.9)
     assert (args.lam_recon, args.routings, args.shift_fraction, args.digit) == (0.392, 3, 0.1, 5)
     assert (args.save_dir, args.testing, args.weights, args.cpu) == ("./result", False, None, False)
+    assert args.join_timeout == 300
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_join_timeout_must_be_positive(mgpu: ModuleType, value: str) -> None:
+    args = mgpu.build_parser().parse_args(["--join_timeout", value])
+    with pytest.raises(UserError, match=f"^--join_timeout {float(value)}: must be > 0 seconds$"):
+        mgpu.train_distributed(args)
 
 
 def _tf_config(cluster: dict, task_type: str, index: int) -> dict[str, str]:

@@ -94,7 +94,8 @@ class Cluster:
         return f"{self.names[rank]} at {self.addresses[rank]}" if self.addresses else self.names[rank]
 
 
-def check_address(text: str, variable: str) -> str:
+def check_address(text: str, variable: str, fix: str = "set it to the chief's address and a free port"
+                  ) -> str:
     """`text` if it is `host:port` (`[v6]:port` for IPv6) with a port in 1..65535.
 
     Raises:
@@ -105,7 +106,7 @@ def check_address(text: str, variable: str) -> str:
         host = host[1:-1]
     if not sep or not host or any(c.isspace() for c in host) or not _is_port(port):
         raise UserError(f"{variable}: {text!r} is not host:port (e.g. 10.0.0.1:12345, a port in "
-                        "1..65535); set it to the chief's address and a free port")
+                        f"1..65535); {fix}")
     return text.strip()
 
 
@@ -168,7 +169,8 @@ def tf_cluster(environ: Mapping[str, str]) -> Cluster | None:
     if task_type not in TF_TASK_TYPES or not 0 <= index < len(members[task_type]):
         raise UserError(f"TF_CONFIG: task {task_type} {index} is not in the cluster {members}")
     ordered = [(t, i, a) for t in TF_TASK_TYPES for i, a in enumerate(members[t])]  # the chief first
-    addresses = tuple(check_address(a, f"TF_CONFIG {t} {i}") for t, i, a in ordered)
+    addresses = tuple(check_address(a, f"TF_CONFIG {t} {i}", "give each task the address and a free port "
+                                    "of the machine it runs on") for t, i, a in ordered)
     duplicates = sorted({a for a in addresses if addresses.count(a) > 1})
     if duplicates:
         raise UserError(f"TF_CONFIG: {', '.join(duplicates)} is given to several tasks; give each task "
