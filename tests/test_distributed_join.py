@@ -280,7 +280,8 @@ def test_ctrl_c_while_waiting_ends_with_130_and_keeps_the_backup(engine: str, si
         proc.kill()
     text = log.read_text()
     assert code == errors.EXIT_INTERRUPTED, text[-3000:]
-    assert text.strip().splitlines()[-1].startswith("interrupted: rerun the same command"), text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("interrupted: rerun the same command") and f"(state in {backup})" in last, last
     assert "Traceback" not in text and not _error_lines(text)
     assert {p.name: p.read_bytes() for p in backup.iterdir()} == before
 

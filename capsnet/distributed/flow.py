@@ -33,7 +33,7 @@ import numpy as np
 from capsnet.backup import Backup
 from capsnet.distributed import rendezvous
 from capsnet.distributed.cluster import Cluster
-from capsnet.errors import EXIT_OS_ERROR, UserError
+from capsnet.errors import EXIT_INTERRUPTED, EXIT_OS_ERROR, UserError
 
 DEFAULT_JOIN_TIMEOUT_S = 300.0
 _joined = False
@@ -84,20 +84,26 @@ def train(cluster: Cluster, engine: Engine, *, join_timeout: float, batch_size: 
         test_alone: the chief's one-device test after training.
 
     Raises:
-        SystemExit: exit code 1 when some process never came.
+        SystemExit: exit code 1 when some process never came, 130 on Ctrl-C or SIGTERM while waiting
+            (after joining, these and a lost peer end the process at once: `rendezvous.end`).
     """
     global _joined
     backup_dir = Path(save_dir) / cluster.backup_dir_name
+    interrupted = ("\ninterrupted: rerun the same command to resume from the last completed epoch (state "
+                   f"in {backup_dir})")
     try:
         rendezvous.meet(cluster, join_timeout)
     except rendezvous.JoinTimeoutError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_OS_ERROR) from None
-    with rendezvous.watching_signals(lambda: interrupted_message(backup_dir)):
-        engine.join()
-        _joined = True
-        _reclaim_sigterm()
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    with rendezvous.watching_signals(interrupted):
         try:
+            engine.join()
+            _joined = True
+            _reclaim_sigterm()
             engine.check_batch(batch_size)
             seed = agree_on_seed(engine.sum, seed, cluster.is_chief)
             if cluster.is_chief:
@@ -108,15 +114,12 @@ def train(cluster: Cluster, engine: Engine, *, join_timeout: float, batch_size: 
             if cluster.is_chief:
                 test_alone()
             engine.sum([1])  # leave together
+        except KeyboardInterrupt:  # the engines' exit handlers would wait for the other processes
+            rendezvous.end(EXIT_INTERRUPTED, interrupted)
         except Exception as e:
-            if isinstance(e, UserError) or not engine.lost_peer(e):
+            if not _joined or isinstance(e, UserError) or not engine.lost_peer(e):
                 raise
             rendezvous.end(EXIT_OS_ERROR, lost_peer_message(cluster, e, backup_dir))
-
-
-def interrupted_message(backup_dir: Path) -> str:
-    """The end of the `interrupted:` line (as `capsulenet.py` prints it) for this process."""
-    return f"rerun the same command to resume from the last completed epoch (state in {backup_dir})"
 
 
 def lost_peer_message(cluster: Cluster, error: BaseException, backup_dir: Path) -> str:

@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from capsnet.distributed.cluster import Cluster
 from capsnet.errors import EXIT_INTERRUPTED, UserError
@@ -208,14 +208,14 @@ def _await_answer(sock: socket.socket, hello: str, deadline: float) -> str:
 
 class SignalWatch:
     """While active, Ctrl-C or SIGTERM ends the process within `GRACE_S` even when the main thread is
-    blocked in C++ (a collective waiting for a hung peer), with `message` and exit code 130.
+    blocked in C++ (a collective waiting for a hung peer), printing `message`, with exit code 130.
 
     Python's C-level handler writes the signal's number to the wakeup file descriptor at once; a thread
     waits on it. The main thread normally turns the signal into `KeyboardInterrupt` itself: `stop()` (on
     the way out) tells the thread not to act.
     """
 
-    def __init__(self, message: Callable[[], str]) -> None:
+    def __init__(self, message: str) -> None:
         self.message = message
         self._reader, self._writer = socket.socketpair()
         self._stopped = threading.Event()
@@ -243,11 +243,11 @@ class SignalWatch:
                 continue
             if self._stopped.wait(GRACE_S):
                 return
-            end(EXIT_INTERRUPTED, f"\ninterrupted: {self.message()}")
+            end(EXIT_INTERRUPTED, self.message)
 
 
 @contextlib.contextmanager
-def watching_signals(message: Callable[[], str]) -> Iterator[None]:
+def watching_signals(message: str) -> Iterator[None]:
     """`SignalWatch` around a block run in the main thread."""
     watch = SignalWatch(message).start()
     try:
