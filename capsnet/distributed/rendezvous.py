@@ -90,7 +90,7 @@ def _host(cluster: Cluster, deadline: float, timeout_s: float) -> None:
     arrived: dict[int, socket.socket] = {}
     pending: list[socket.socket] = []  # connected, not yet said who they are
     try:
-        missing = [r for r in range(1, cluster.size)]
+        missing = list(range(1, cluster.size))
         _say(f"{cluster.name}: waiting for {len(missing)} of {cluster.size} {cluster.peers} to join at "
              f"{cluster.coordinator} ({_missing_text(cluster, missing)}), up to {timeout_s:g} s...")
         while len(arrived) < cluster.size - 1:
@@ -117,7 +117,8 @@ def _host(cluster: Cluster, deadline: float, timeout_s: float) -> None:
                 pending.remove(sock)
                 _admit(cluster, sock, line, arrived)
         for sock in arrived.values():
-            sock.sendall(b"go\n")
+            with contextlib.suppress(OSError):  # one that died just now fails the engine's join instead
+                sock.sendall(b"go\n")
         # They close first, so that this port is left without a connection in TIME_WAIT for the engine.
         for sock in arrived.values():
             with contextlib.suppress(OSError):
@@ -183,12 +184,11 @@ def _visit(cluster: Cluster, deadline: float, timeout_s: float) -> None:
         time.sleep(POLL_S)  # the chief went away (or gave up): try again until the deadline
     if answered:
         raise JoinTimeoutError(f"{cluster.name} waited {timeout_s:g} s (--join_timeout): {chief} answered "
-                          f"but not every one of the {cluster.size} {cluster.peers} "
-                          f"joined; start the missing ones with the same {cluster.variable} and flags, or "
-                          "raise --join_timeout")
-    raise JoinTimeoutError(f"{cluster.name} waited {timeout_s:g} s (--join_timeout) for {chief}, which "
-                      "never answered; start it (and check "
-                      f"{cluster.variable}), or raise --join_timeout")
+                               f"but not every one of the {cluster.size} {cluster.peers} joined; start the "
+                               f"missing ones with the same {cluster.variable} and flags, or raise "
+                               "--join_timeout")
+    raise JoinTimeoutError(f"{cluster.name} waited {timeout_s:g} s (--join_timeout) for {chief}, which never "
+                           f"answered; start it (and check {cluster.variable}), or raise --join_timeout")
 
 
 def _await_answer(sock: socket.socket, hello: str, deadline: float) -> str:
@@ -229,21 +229,23 @@ class SignalWatch:
         return self
 
     def stop(self) -> None:
-        self._stopped.set()
+        """Gives the wakeup descriptor back first: the thread closes its sockets once stopped."""
         with contextlib.suppress(ValueError):  # not the main thread: leave the descriptor in place
             signal.set_wakeup_fd(self._previous_fd)
+        self._stopped.set()
 
     def _watch(self) -> None:
-        while not self._stopped.is_set():
-            readable, _, _ = select.select([self._reader], [], [], POLL_S)
-            if not readable:
-                continue
-            numbers = set(self._reader.recv(64))
-            if not numbers & {signal.SIGINT, signal.SIGTERM}:
-                continue
-            if self._stopped.wait(GRACE_S):
-                return
-            end(EXIT_INTERRUPTED, self.message)
+        with self._reader, self._writer:
+            while not self._stopped.is_set():
+                readable, _, _ = select.select([self._reader], [], [], POLL_S)
+                if not readable:
+                    continue
+                numbers = set(self._reader.recv(64))
+                if not numbers & {signal.SIGINT, signal.SIGTERM}:
+                    continue
+                if self._stopped.wait(GRACE_S):
+                    return
+                end(EXIT_INTERRUPTED, self.message)
 
 
 @contextlib.contextmanager
