@@ -203,7 +203,6 @@ def _error_lines(text: str) -> list[str]:
     ("jax", {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "error: JAX_COORDINATOR_ADDRESS is not set"),
     ("torch", {k: v for k, v in TORCH.items() if k != "MASTER_ADDR"}, "error: MASTER_ADDR is not set"),
     ("torch", {**TORCH, "RANK": "5"}, "error: RANK 5: must be in [0, WORLD_SIZE = 2)"),
-    ("tensorflow", _tf(["127.0.0.1:1", "127.0.0.1:x"]), "error: TF_CONFIG worker 1: '127.0.0.1:x' is not"),
 ])
 def test_a_bad_variable_is_one_line_and_exit_2(engine: str, variables: dict, named: str,
                                                tmp_path: Path) -> None:
@@ -235,55 +234,67 @@ def _start(engine: str, rank: int, port: int, folder: Path, data: Path, *flags: 
     return proc, log
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_a_peer_that_never_comes_is_named_within_the_join_timeout(engine: str, tiny_npz: Path,
-                                                                  tmp_path: Path) -> None:
+SIGNALS = {"tensorflow": signal.SIGINT, "jax": signal.SIGTERM, "torch": signal.SIGINT}
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def alone(request: pytest.FixtureRequest, tiny_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Per engine, two processes at once, each of another 2-process cluster whose other half never
+    comes: the chief (rank 0) with `--join_timeout 3`, and rank 1, which gets Ctrl-C (SIGTERM on JAX)
+    once its waiting line is in its file. Rank 1's save_dir holds a backup from an earlier run.
+
+    Returns each one's exit code and output, the backup folder and its files before and after."""
+    engine = request.param
     _skip_if_missing(engine)
-    proc, log = _start(engine, 0, free_ports(1)[0], tmp_path, tiny_npz, "--join_timeout", "3")
+    folder = tmp_path_factory.mktemp(f"alone-{engine}")
+    kind = {"tensorflow": "worker", "jax": "process", "torch": "rank"}[engine]
+    backup = folder / "rank-1" / f"backup-{kind}-1"
+    backup.mkdir(parents=True)
+    (backup / "state.json").write_text('{"epoch": 1, "checkpoint": "epoch-0001.npz"}')
+    (backup / "epoch-0001.npz").write_bytes(b"weights of epoch 1")
+    before = {p.name: p.read_bytes() for p in backup.iterdir()}
+    chief_port, other_port = free_ports(2)
+    chief, chief_log = _start(engine, 0, chief_port, folder, tiny_npz, "--join_timeout", "3")
+    other, other_log = _start(engine, 1, other_port, folder, tiny_npz)
     try:
-        code = proc.wait(timeout=PROCESS_TIMEOUT_S)
+        deadline = time.monotonic() + PROCESS_TIMEOUT_S
+        while (": waiting for " not in other_log.read_text() and other.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        waited = other.poll() is None
+        other.send_signal(SIGNALS[engine])
+        other_code = other.wait(timeout=30)
+        chief_code = chief.wait(timeout=PROCESS_TIMEOUT_S)
     finally:
-        proc.kill()
-    text = log.read_text()
+        for proc in (chief, other):
+            proc.kill()
+            proc.wait()
+    return {"engine": engine, "chief": (chief_code, chief_log.read_text()), "waited": waited,
+            "other": (other_code, other_log.read_text()), "backup": backup, "before": before,
+            "after": {p.name: p.read_bytes() for p in backup.iterdir()}}
+
+
+def test_a_peer_that_never_comes_is_named_within_the_join_timeout(alone: dict) -> None:
+    code, text = alone["chief"]
     assert code == 1, text[-3000:]
     waiting = [line for line in text.splitlines() if ": waiting for 1 of 2 " in line]
     assert len(waiting) == 1 and "up to 3 s..." in waiting[0], text[-3000:]
-    peer = {"tensorflow": "worker 1 at 127.0.0.1:", "jax": "process 1", "torch": "rank 1"}[engine]
-    name = {"tensorflow": "worker 0", "jax": "process 0", "torch": "rank 0"}[engine]
+    peer = {"tensorflow": "worker 1 at 127.0.0.1:", "jax": "process 1", "torch": "rank 1"}[alone["engine"]]
+    name = {"tensorflow": "worker 0", "jax": "process 0", "torch": "rank 0"}[alone["engine"]]
     assert len(_error_lines(text)) == 1, text[-3000:]
     (error,) = _error_lines(text)
     assert error.startswith(f"error: {name} waited 3 s (--join_timeout) for {peer}"), error
     assert "which never joined" in error and "Traceback" not in text
 
 
-@pytest.mark.parametrize(("engine", "signum"), [
-    ("tensorflow", signal.SIGINT), ("jax", signal.SIGTERM), ("torch", signal.SIGINT)])
-def test_ctrl_c_while_waiting_ends_with_130_and_keeps_the_backup(engine: str, signum: int, tiny_npz: Path,
-                                                                 tmp_path: Path) -> None:
-    """Rank 1 waits for a chief that never comes; Ctrl-C (or a polite kill) once its waiting line is in
-    the file."""
-    _skip_if_missing(engine)
-    kind = {"tensorflow": "worker", "jax": "process", "torch": "rank"}[engine]
-    backup = tmp_path / "rank-1" / f"backup-{kind}-1"
-    backup.mkdir(parents=True)
-    (backup / "state.json").write_text('{"epoch": 1, "checkpoint": "epoch-0001.npz"}')
-    before = {p.name: p.read_bytes() for p in backup.iterdir()}
-    proc, log = _start(engine, 1, free_ports(1)[0], tmp_path, tiny_npz)
-    try:
-        deadline = time.monotonic() + PROCESS_TIMEOUT_S
-        while ": waiting for " not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert proc.poll() is None, log.read_text()[-3000:]
-        proc.send_signal(signum)
-        code = proc.wait(timeout=30)
-    finally:
-        proc.kill()
-    text = log.read_text()
+def test_ctrl_c_while_waiting_ends_with_130_and_keeps_the_backup(alone: dict) -> None:
+    code, text = alone["other"]
+    assert alone["waited"], text[-3000:]  # the waiting line reached the file while it waited
     assert code == errors.EXIT_INTERRUPTED, text[-3000:]
     last = text.strip().splitlines()[-1]
-    assert last.startswith("interrupted: rerun the same command") and f"(state in {backup})" in last, last
+    assert last.startswith("interrupted: rerun the same command") and f"(state in {alone['backup']})" in last
     assert "Traceback" not in text and not _error_lines(text)
-    assert {p.name: p.read_bytes() for p in backup.iterdir()} == before
+    assert alone["after"] == alone["before"]
 
 
 @pytest.mark.slow
