@@ -1,32 +1,30 @@
 """Data-parallel CapsNet training on several GPUs, several logical CPUs or several machines.
 
 The flags, model, losses, training loop and test are those of `capsulenet.py` (its `run` and the modules
-it calls: `capsnet_model.py`, `training.py`, `evaluation.py`); this script only chooses how the devices
-share the work:
+it calls); this script only chooses how the devices share the work (`capsnet/distributed/`):
 
 - TensorFlow, one machine: `tf.distribute.MirroredStrategy` over the first `--gpus` GPUs (or, with
   `--cpu`, `--gpus` logical CPU devices carved out of the processor, to try the same path without GPUs);
-- TensorFlow, several machines: when the standard `TF_CONFIG` variable is set,
-  `tf.distribute.MultiWorkerMirroredStrategy` over every worker's GPUs (one CPU device per worker
-  with `--cpu`). Only the chief (task `chief`, or `worker` 0 without one) writes checkpoints,
-  logs, plots and test outputs; every worker keeps its own resumable backup;
-- JAX (`KERAS_BACKEND=jax`), one machine: `keras.distribution.DataParallel` over the first `--gpus`
-  GPUs (or `--cpu`: as many CPU devices); each batch is sharded and XLA all-reduces the gradients.
-  Several machines: `jax.distributed.initialize` from `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`
-  and `JAX_PROCESS_ID`, the batch sharded over every process's devices (`jax_distributed.py`).
-  `TF_CONFIG` is refused on JAX.
+  several machines: `MultiWorkerMirroredStrategy` when the standard `TF_CONFIG` variable is set.
+- JAX (`KERAS_BACKEND=jax`): `keras.distribution.DataParallel` over the first `--gpus` GPUs (or `--cpu`:
+  as many CPU devices); several machines: `jax.distributed` from `JAX_COORDINATOR_ADDRESS`,
+  `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`.
 - PyTorch (`KERAS_BACKEND=torch`): one process per GPU (or per CPU share with `--cpu`) joined by
-  `torch.distributed`, the gradients all-reduced in each step (`torch_distributed.py`); `--gpus N`
-  starts `torchrun --standalone --nproc_per_node N` on this machine, and several machines are
-  started with torchrun (its standard variables: `WORLD_SIZE`, `RANK`, `MASTER_ADDR`, `MASTER_PORT`).
+  `torch.distributed`; `--gpus N` starts `torchrun --standalone --nproc_per_node N` on this machine,
+  and several machines are started with torchrun (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR`,
+  `MASTER_PORT`).
 
-Each step splits the global batch (`--batch_size`, 300 by default) across the replicas and
-all-reduces the gradients (the Keras optimizer sums them over the replicas). After training it saves
-the weights and the `.keras` model, then the chief runs the same test as
-`capsulenet.py -t -w save_dir/trained_model.weights.h5`, on one device. Files written by either
-script load in the other. A worker that loses a peer stops with one line and exit code 1; rerun every
-worker with the same flags to resume from the last completed epoch (all workers use the chief's
-`--seed`, so the resumed data order is the same).
+Each step splits the global batch (`--batch_size`, 300 by default) across the replicas and all-reduces
+the gradients. After training it saves the weights and the `.keras` model, then the chief runs the same
+test as `capsulenet.py -t -w save_dir/trained_model.weights.h5`, on one device. Files written by either
+script load in the other.
+
+With several processes (`capsnet/distributed/flow.py`), the variables are checked before anything joins
+(a wrong or partial set is one `error:` line, exit 2); every process waits for the others at most
+`--join_timeout` seconds, saying so in one line (exit 1 naming who never came); Ctrl-C or SIGTERM stops
+it (exit 130), also while it waits for a peer. A process that loses a peer stops with one line and exit
+code 1; rerun every process with the same flags to resume from the last completed epoch (all take the
+chief's `--seed`, so the resumed data order is the same).
 
 Usage:
     python capsulenet-multi-gpu.py --gpus 2
@@ -39,13 +37,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import signal
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,32 +47,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 
 import capsulenet  # noqa: E402 - imports TensorFlow but initialises no device
 from capsnet import plots  # noqa: E402
-from capsnet.backup import agree_on_resume_point as agree_on_backups  # noqa: E402
-from capsnet.errors import UserError  # noqa: E402
-
-TASK_TYPES = ("chief", "worker")
-
-
-@dataclass(frozen=True)
-class Task:
-    """This process' place in a `TF_CONFIG` cluster."""
-
-    type: str
-    index: int
-    is_chief: bool
-    n_workers: int
-
-    @property
-    def backup_dir_name(self) -> str:
-        """The chief keeps `capsulenet`'s `backup` folder; every other worker its own."""
-        return capsulenet.BACKUP_DIR if self.is_chief else f"backup-{self.type}-{self.index}"
+from capsnet.distributed import flow, rendezvous  # noqa: E402
+from capsnet.distributed.cluster import Cluster, read_cluster  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`capsulenet.py`'s flags with the original multi-GPU defaults, plus `--gpus` and `--cpu`."""
+    """`capsulenet.py`'s flags with the original multi-GPU defaults, plus `--gpus`, `--cpu` and
+    `--join_timeout`."""
     parser = capsulenet.build_parser(
         "Capsule Network on MNIST, trained data-parallel on several GPUs (or logical CPUs, or "
-        "machines configured by TF_CONFIG).", batch_size=300)
+        "machines configured by TF_CONFIG, JAX_* or torchrun).", batch_size=300)
     parser.add_argument("--gpus", default=2, type=int,
                         help="Number of GPUs to train on (per machine under TF_CONFIG); the global "
                              "batch is split across them")
@@ -86,231 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Use --gpus logical CPU devices instead of GPUs (to try or test the "
                              "data-parallel path without GPUs; under TF_CONFIG each worker uses "
                              "one CPU device)")
+    parser.add_argument("--join_timeout", default=flow.DEFAULT_JOIN_TIMEOUT_S, type=float,
+                        metavar="SECONDS",
+                        help="With several processes: how long each waits for the others to start "
+                             "before it gives up, naming who never came")
     return parser
 
 
-def read_tf_config(environ: Mapping[str, str] = os.environ) -> Task | None:
-    """Parses `TF_CONFIG`; None when it is unset or empty.
-
-    Raises:
-        UserError: it is not JSON, or lacks the cluster or this task.
-    """
-    raw = environ.get("TF_CONFIG", "").strip()
-    if not raw:
-        return None
-    try:
-        config = json.loads(raw)
-        cluster, task = config["cluster"], config["task"]
-        task_type, index = str(task["type"]), int(task["index"])
-        members = {t: list(cluster.get(t, [])) for t in TASK_TYPES}
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise UserError(f"TF_CONFIG: expected JSON {{\"cluster\": {{\"worker\": [\"host:port\", "
-                        f"...]}}, \"task\": {{\"type\": \"worker\", \"index\": 0}}}} ({e!r})") from e
-    others = sorted(set(cluster) - set(TASK_TYPES))
-    if others:
-        raise UserError(f"TF_CONFIG: task types {others} are not supported; "
-                        "MultiWorkerMirroredStrategy takes 'chief' and 'worker' tasks only")
-    if task_type not in TASK_TYPES or not 0 <= index < len(members[task_type]):
-        raise UserError(f"TF_CONFIG: task {task_type} {index} is not in the cluster {members}")
-    is_chief = task_type == "chief" or (task_type == "worker" and index == 0
-                                        and not members["chief"])
-    return Task(task_type, index, is_chief, len(members["chief"]) + len(members["worker"]))
+def trains(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for training; a test, a prediction or an export needs no replicas."""
+    return not (args.testing or args.predict is not None or args.export is not None)
 
 
-def hide_gpus() -> None:
-    """Leaves TensorFlow only the CPU; must run before it initialises its devices."""
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):
-        tf.config.set_visible_devices([], "GPU")
-
-
-def configure_devices(args: argparse.Namespace, multi_worker: bool) -> list[str]:
-    """Makes the devices to train on visible; must run before TensorFlow initialises its devices.
-
-    Returns:
-        the device names for `MirroredStrategy` (unused under `TF_CONFIG`).
-
-    Raises:
-        UserError: more GPUs are asked for than are visible.
-    """
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    try:
-        if args.cpu:
-            hide_gpus()
-            if multi_worker:  # MultiWorkerMirroredStrategy uses CPU:0 alone without GPUs
-                return ["/cpu:0"]
-            cpu = tf.config.list_physical_devices("CPU")[0]
-            tf.config.set_logical_device_configuration(
-                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(args.gpus)])
-            return [f"/cpu:{i}" for i in range(args.gpus)]
-        if args.gpus > len(gpus):
-            visible = (f"only {len(gpus)} GPU(s) are visible ({', '.join(g.name for g in gpus)})"
-                       if gpus else "no GPU is visible")
-            raise UserError(f"--gpus {args.gpus}: {visible}; ask for fewer, or add --cpu to "
-                            f"train on {args.gpus} logical CPU devices")
-        tf.config.set_visible_devices(gpus[: args.gpus], "GPU")
-    except RuntimeError as e:  # TensorFlow was initialised earlier in this process
-        raise UserError(f"--gpus/--cpu: devices can no longer be configured ({e})") from e
-    return [f"/gpu:{i}" for i in range(args.gpus)]
-
-
-def make_strategy(args: argparse.Namespace, task: Task | None) -> Any:
-    """`MultiWorkerMirroredStrategy` under `TF_CONFIG`, else `MirroredStrategy` over the devices."""
-    import tensorflow as tf
-
-    devices = configure_devices(args, multi_worker=task is not None)
-    if task is None:
-        return tf.distribute.MirroredStrategy(devices)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    # Its preemption notifier takes SIGTERM over and swallows it: hand it back to Python, so that
-    # `kill` stops a worker as Ctrl-C does (capsulenet.main's handler).
-    handler = signal.getsignal(signal.SIGTERM)
-    if handler is not None:
-        signal.signal(signal.SIGTERM, handler)
-    return strategy
-
-
-def jax_devices(args: argparse.Namespace) -> list[Any]:
-    """The JAX devices to train on: the first `--gpus` GPUs, or with `--cpu` as many CPU devices
-    (split from the processor, as TensorFlow's logical devices); must run before JAX initialises.
-
-    Raises:
-        UserError: more GPUs are asked for than are visible.
-    """
-    import jax
-
-    try:
-        if args.cpu:
-            jax.config.update("jax_platforms", "cpu")
-            jax.config.update("jax_num_cpu_devices", args.gpus)
-            return jax.devices("cpu")[: args.gpus]
-        gpus = [d for d in jax.devices() if d.platform == "gpu"]
-    except RuntimeError as e:  # JAX was initialised earlier in this process
-        raise UserError(f"--gpus/--cpu: devices can no longer be configured ({e})") from e
-    if args.gpus > len(gpus):
-        visible = (f"only {len(gpus)} GPU(s) are visible ({', '.join(str(g) for g in gpus)})"
-                   if gpus else "no GPU is visible")
-        raise UserError(f"--gpus {args.gpus}: {visible}; ask for fewer, or add --cpu to "
-                        f"train on {args.gpus} CPU devices")
-    return gpus[: args.gpus]
-
-
-def train_data_parallel_jax(args: argparse.Namespace, task: Task | None) -> None:
-    """The JAX backend: `keras.distribution.DataParallel` over the devices (the batch is sharded,
-    XLA all-reduces the gradients), then the same test on one device."""
-    import keras
-
-    from capsnet.distributed import jax_distributed
-
-    if task is not None:
-        raise UserError("TF_CONFIG: on JAX, start every machine with JAX_COORDINATOR_ADDRESS, "
-                        "JAX_NUM_PROCESSES and JAX_PROCESS_ID (jax.distributed); TF_CONFIG is TensorFlow's")
-    cluster = jax_distributed.read_env()
-    if cluster is not None and not (args.testing or args.predict is not None or args.export is not None):
-        jax_distributed.train(cluster, cpu=args.cpu, gpus=args.gpus, batch_size=args.batch_size,
-                              save_dir=args.save_dir, seed=args.seed, epochs=args.epochs,
-                              run=lambda *where: run_on_process(args, *where),
-                              test_alone=lambda: test_alone(args))
-        return
-    devices = jax_devices(args)
-    if args.batch_size % len(devices):
-        raise UserError(f"--batch_size {args.batch_size}: must be a multiple of the number of devices "
-                        f"({len(devices)}) on the JAX backend; each takes an equal share")
-    if args.testing or args.predict is not None or args.export is not None:  # no replicas needed
-        capsulenet.run(args)
-        return
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-    print(f"Data-parallel on {len(devices)} replica(s) (keras.distribution.DataParallel; this machine: "
-          f"{', '.join(str(d) for d in devices)})")
-    capsulenet.run(args, on_model=lambda model: plots.plot_model(model, Path(args.save_dir) / "model.png"))
-    keras.distribution.set_distribution(None)
-    test_alone(args)
-
-
-def train_data_parallel_torch(args: argparse.Namespace, task: Task | None) -> None:
-    """The PyTorch backend: processes joined by `torch.distributed` (started here through torchrun
-    unless torchrun started this one), then the same test on one device."""
-    from capsnet.distributed import torch_distributed
-
-    if task is not None:
-        raise UserError("TF_CONFIG: on PyTorch, start every machine with torchrun (its variables "
-                        "WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT say who is who); TF_CONFIG is "
-                        "TensorFlow's")
-    if args.testing or args.predict is not None or args.export is not None:  # no replicas needed
-        capsulenet.run(args)
-        return
-    if not torch_distributed.launched_by_torchrun():
-        import torch
-
-        gpus = torch.cuda.device_count()
-        if not args.cpu and args.gpus > gpus:
-            visible = f"only {gpus} GPU(s) are visible" if gpus else "no GPU is visible"
-            raise UserError(f"--gpus {args.gpus}: {visible}; ask for fewer, or add --cpu to "
-                            f"train on {args.gpus} CPU processes")
-        raise SystemExit(torch_distributed.relaunch_with_torchrun(args.gpus, sys.argv[1:]))
-    torch_distributed.train(cpu=args.cpu, batch_size=args.batch_size, save_dir=args.save_dir, seed=args.seed,
-                            epochs=args.epochs, run=lambda *where: run_on_process(args, *where),
-                            test_alone=lambda: test_alone(args))
-
-
-def run_on_process(args: argparse.Namespace, seed: int, is_chief: bool, backup_dir: str) -> None:
-    """One process of a multi-process JAX or PyTorch run: trains with the seed every process agreed
-    on (recorded in `args` for the backup's flags), writing the user's files on the chief only."""
-    args.seed = seed
-    capsulenet.run(args, is_chief=is_chief, backup_dir=backup_dir,
-                   on_model=(lambda model: plots.plot_model(model, Path(args.save_dir) / "model.png"))
-                   if is_chief else None)
-
-
-def sum_over_workers(strategy: Any, values: Sequence[int]) -> list[int]:
-    """Element-wise sum of every worker's `values` (each worker counted once, whatever its number
-    of replicas), on every worker; also a barrier."""
-    import tensorflow as tf
-
-    per_worker = len(strategy.extended.worker_devices)
-
-    def local(context: Any) -> Any:
-        first = context.replica_id_in_sync_group % per_worker == 0
-        return tf.constant([v if first else 0 for v in values], tf.int64)
-
-    summed = strategy.reduce(tf.distribute.ReduceOp.SUM,
-                             strategy.experimental_distribute_values_from_function(local), axis=None)
-    return [int(v) for v in summed.numpy()]
-
-
-def agree_on_seed(strategy: Any, seed: int | None, is_chief: bool) -> int:
-    """The chief's `--seed` (drawn at random when absent) on every worker: the data order and the
-    shifts derive from `(seed, epoch)`, so all workers must share one."""
-    import numpy as np
-
-    if seed is None:
-        seed = int(np.random.default_rng().integers(2**31))
-    return sum_over_workers(strategy, [seed if is_chief else 0])[0]
-
-
-def agree_on_resume_point(strategy: Any, backup_dir: Path, epochs: int) -> None:
-    """Makes every worker resume after the same epoch, the earliest any worker backed up
-    (`backup.agree_on_resume_point`)."""
-
-    def earliest(latest: int) -> int:  # a sum of one-hot vectors over the workers
-        counts = sum_over_workers(strategy, [int(e == latest) for e in range(epochs + 1)])
-        return next(e for e, count in enumerate(counts) if count)
-
-    agree_on_backups(backup_dir, epochs, earliest, peer="worker")
-
-
-def describe(strategy: Any, task: Task | None) -> str:
-    """One line naming the replicas, e.g. for the log."""
-    devices = ", ".join(strategy.extended.worker_devices)
-    where = f"worker {task.index} of {task.n_workers}" if task else "this machine"
-    if task and task.type == "chief":
-        where = f"chief of {task.n_workers}"
-    kind = "MultiWorkerMirroredStrategy" if task else type(strategy).__name__
-    return (f"Data-parallel on {strategy.num_replicas_in_sync} replica(s) "
-            f"({kind}; {where}: {devices})")
+def draw(args: argparse.Namespace) -> Any:
+    """`on_model` for `capsulenet.run`: the model's plot in `save_dir`."""
+    return lambda model: plots.plot_model(model, Path(args.save_dir) / "model.png")
 
 
 def test_alone(args: argparse.Namespace) -> None:
@@ -327,89 +95,100 @@ def test_alone(args: argparse.Namespace) -> None:
     capsulenet.run(test_args)
 
 
-def check_batch(args: argparse.Namespace, strategy: Any) -> None:
-    """Every replica needs at least one sample of each batch."""
-    replicas = strategy.num_replicas_in_sync
-    if args.batch_size < replicas:
-        raise UserError(f"--batch_size {args.batch_size}: must be at least the number of "
-                        f"replicas ({replicas}); it is split across them")
+def train_processes(args: argparse.Namespace, cluster: Cluster, engine: Any) -> None:
+    """Trains as one process of `cluster` (`flow.train`), with the seed every process agreed on
+    (recorded in `args` for the backup's flags), writing the user's files on the chief only."""
+
+    def run(seed: int, is_chief: bool, backup_dir: str) -> None:
+        args.seed = seed
+        capsulenet.run(args, strategy=getattr(engine, "strategy", None), is_chief=is_chief,
+                       backup_dir=backup_dir, on_model=draw(args) if is_chief else None)
+
+    flow.train(cluster, engine, join_timeout=args.join_timeout, batch_size=args.batch_size,
+               save_dir=args.save_dir, seed=args.seed, epochs=args.epochs, run=run,
+               test_alone=lambda: test_alone(args))
+
+
+def on_tensorflow(args: argparse.Namespace, cluster: Cluster | None) -> None:
+    """MirroredStrategy on this machine, or MultiWorkerMirroredStrategy under `TF_CONFIG`."""
+    from capsnet.distributed import tf_distribute
+
+    if not trains(args):
+        if args.cpu:
+            tf_distribute.hide_gpus()
+        if cluster is None or cluster.is_chief:
+            capsulenet.run(args)
+        else:
+            print(f"{cluster.name}: -t runs on the chief only; nothing to do here")
+        return
+    if cluster is not None:
+        train_processes(args, cluster, tf_distribute.TFEngine(cluster, args.cpu, args.gpus))
+        return
+    strategy = tf_distribute.mirrored_strategy(args.cpu, args.gpus)
+    tf_distribute.check_batch(strategy, args.batch_size)
+    print(tf_distribute.describe(strategy, None))
+    capsulenet.run(args, strategy=strategy, on_model=draw(args))
+    test_alone(args)
+
+
+def on_jax(args: argparse.Namespace, cluster: Cluster | None) -> None:
+    """`keras.distribution.DataParallel` over this machine's devices, or over every process's
+    (`jax.distributed`)."""
+    from capsnet.distributed import jax_distributed
+
+    if cluster is not None and trains(args):
+        train_processes(args, cluster, jax_distributed.JaxEngine(cluster, args.cpu, args.gpus))
+        return
+    devices = jax_distributed.local_devices(args.cpu, args.gpus)
+    jax_distributed.check_batch(args.batch_size, len(devices))
+    if not trains(args):
+        capsulenet.run(args)
+        return
+    with jax_distributed.data_parallel(devices):
+        print(f"Data-parallel on {len(devices)} replica(s) (keras.distribution.DataParallel; this machine: "
+              f"{', '.join(str(d) for d in devices)})")
+        capsulenet.run(args, on_model=draw(args))
+    test_alone(args)
+
+
+def on_torch(args: argparse.Namespace, cluster: Cluster | None) -> None:
+    """Processes joined by `torch.distributed`; started here through torchrun unless torchrun (or the
+    user, with its variables) started this one."""
+    from capsnet.distributed import torch_distributed
+
+    if not trains(args):
+        capsulenet.run(args)
+        return
+    if cluster is None:
+        torch_distributed.check_gpus(args.cpu, args.gpus)
+        raise SystemExit(torch_distributed.relaunch_with_torchrun(args.gpus, sys.argv[1:]))
+    train_processes(args, cluster, torch_distributed.TorchEngine(cluster, args.cpu))
+
+
+ENGINES = {"tensorflow": on_tensorflow, "jax": on_jax, "torch": on_torch}
 
 
 def train_distributed(args: argparse.Namespace) -> None:
-    """Trains data-parallel under the strategy `TF_CONFIG` or the flags ask for, then the chief
-    tests the result on one device; `-t` only tests, on the chief."""
-    # Every flag error before TensorFlow starts.
-    capsulenet.validate_args(args, extra=[("--gpus", args.gpus >= 1, "must be >= 1")])
-    task = read_tf_config()
-    if capsulenet.keras.backend.backend() == "jax":
-        train_data_parallel_jax(args, task)
-        return
-    if capsulenet.keras.backend.backend() == "torch":
-        train_data_parallel_torch(args, task)
-        return
-    is_chief = task is None or task.is_chief
-    if args.testing or args.predict is not None or args.export is not None:
-        # A test, a prediction or an export needs neither replicas nor the other workers.
-        if args.cpu:
-            hide_gpus()
-        if is_chief:
-            capsulenet.run(args)
-        else:
-            print(f"{task.type} {task.index}: -t runs on the chief only; nothing to do here")
-        return
-
-    def draw(model: Any) -> None:
-        plots.plot_model(model, Path(args.save_dir) / "model.png")
-
-    strategy = make_strategy(args, task)
-    check_batch(args, strategy)
-    if task is not None:
-        args.seed = agree_on_seed(strategy, args.seed, is_chief)
-    if is_chief:
-        print(describe(strategy, task))
-    if task is None:
-        capsulenet.run(args, strategy=strategy, on_model=draw)
-        test_alone(args)
-        return
-    backup_dir = Path(args.save_dir) / task.backup_dir_name
-    with peers_watched(args, task):
-        agree_on_resume_point(strategy, backup_dir, args.epochs)
-        capsulenet.run(args, strategy=strategy, is_chief=is_chief, backup_dir=str(backup_dir),
-                       on_model=draw)
-        if is_chief:
-            test_alone(args)
-        # Leave together: a worker that exits early looks like a crash to the others.
-        sum_over_workers(strategy, [1])
-
-
-def op_error_reason(error: Exception) -> str:
-    """The message of a TensorFlow op error without its trace, e.g. `Collective ops is aborted by:
-    recvmsg:Connection reset by peer`."""
-    skip = ("Graph execution error", "Detected at node", "File ")
-    lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines()]
-    return next((line for line in lines if line and not line.startswith(skip)), "")[:200]
-
-
-@contextlib.contextmanager
-def peers_watched(args: argparse.Namespace, task: Task) -> Iterator[None]:
-    """Turns a lost peer (its collective ops fail) into one line on stderr and exit code 1."""
-    import tensorflow as tf
-
-    try:
-        yield
-    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
-            tf.errors.DeadlineExceededError) as e:
-        reason = op_error_reason(e)
-        backup = Path(args.save_dir) / task.backup_dir_name
-        print(f"error: {task.type} {task.index} lost contact with the cluster "
-              f"({type(e).__name__}: {reason}); restart every worker with the same flags to resume "
-              f"from the last completed epoch (state in {backup})", file=sys.stderr)
-        raise SystemExit(1) from e
+    """Trains data-parallel as the flags and the engine's variables ask, then the chief tests the
+    result on one device; `-t` only tests, on the chief."""
+    # Every flag and variable error before an engine starts.
+    capsulenet.validate_args(args, extra=[("--gpus", args.gpus >= 1, "must be >= 1"),
+                                          ("--join_timeout", args.join_timeout > 0, "must be > 0 seconds")])
+    backend = capsulenet.keras.backend.backend()
+    ENGINES[backend](args, read_cluster(backend, os.environ))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parses `argv` and trains; user errors become one line on stderr and exit code 2."""
-    return capsulenet.main(argv, parser=build_parser(), runner=train_distributed)
+    # Under nohup, a scheduler or `tee` stdout is a file or a pipe: without this, Python would hold
+    # the status and epoch lines in its buffer until exit.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+    code = capsulenet.main(argv, parser=build_parser(), runner=train_distributed)
+    if code and flow.has_joined():  # the engines' exit handlers would wait for the other processes
+        rendezvous.end(code)
+    return code
 
 
 if __name__ == "__main__":

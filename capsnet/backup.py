@@ -8,7 +8,7 @@ epoch it holds:
                         `optimizer.variables` order (`model/0`, ..., `optimizer/0`, ...)
       epoch-0003.json   the `RunState` of that epoch (epochs done, best score, seed, flags)
       epoch-0002.*      the epoch before, kept so that workers one epoch apart can agree (see
-                        `roll_back`)
+                        `roll_back` and `distributed.flow.agree_on_resume_point`)
       state.json        the `RunState` to resume from, plus `"checkpoint": "epoch-0003.npz"`
 
 `state.json` is written last and atomically, so a crash between two writes never pairs weights of one
@@ -33,7 +33,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -171,34 +171,3 @@ def _epoch_of(path: Path) -> int:
     """The epoch of a backup file named `epoch-0003.npz` or `epoch-0003.json`."""
     return int(path.name.split(".")[0].split("-")[1])
 
-
-def agree_on_resume_point(backup_dir: str | os.PathLike, epochs: int, earliest: Callable[[int], int],
-                          peer: str = "process") -> None:
-    """Makes every process of a multi-process run resume after the same epoch: the earliest any of
-    them backed up.
-
-    Processes stopped between their epoch-end writes can be one epoch apart; each keeps the epoch
-    before its latest, so the ahead ones roll back to it. Otherwise they would run different numbers
-    of steps and wait for each other forever.
-
-    Args:
-        backup_dir: this process' backup folder.
-        epochs: the run's length (a finished backup counts as its last epoch).
-        earliest: the collective that returns the smallest of every process' latest epoch (each
-            backend has its own: TensorFlow's strategy, `torch.distributed`, JAX's multihost utils).
-        peer: what the processes are called in the messages ("worker", "process").
-
-    Raises:
-        UserError: this process no longer holds the common epoch's backup.
-    """
-    backup = Backup(backup_dir)
-    latest = min(backup.latest_epoch(), epochs)
-    common = earliest(latest)
-    if common == latest:
-        return
-    if common != 0 and common not in backup.epochs():
-        raise UserError(f"{backup_dir}: this {peer}'s backup ends after epoch {latest}, another {peer}'s "
-                        f"after epoch {common}; delete every {peer}'s backup folder (save_dir/backup*) to "
-                        "start over")
-    print(f"Another {peer}'s backup ends after epoch {common}: resuming from there")
-    backup.roll_back(common)

@@ -31,6 +31,9 @@ import pytest
 from conftest import child_env, describe, run_script, start_script
 
 from capsnet.backup import Backup
+from capsnet.distributed import flow, tf_distribute
+from capsnet.distributed.cluster import tf_cluster
+from capsnet.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "capsulenet-multi-gpu.py"
@@ -85,6 +88,14 @@ def test_original_flags_and_defaults(mgpu: ModuleType) -> None:
     assert (args.batch_size, args.gpus, args.epochs, args.lr, args.lr_decay) == (300, 2, 50, 0.001, 0.9)
     assert (args.lam_recon, args.routings, args.shift_fraction, args.digit) == (0.392, 3, 0.1, 5)
     assert (args.save_dir, args.testing, args.weights, args.cpu) == ("./result", False, None, False)
+    assert args.join_timeout == 300
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_join_timeout_must_be_positive(mgpu: ModuleType, value: str) -> None:
+    args = mgpu.build_parser().parse_args(["--join_timeout", value])
+    with pytest.raises(UserError, match=f"^--join_timeout {float(value)}: must be > 0 seconds$"):
+        mgpu.train_distributed(args)
 
 
 def _tf_config(cluster: dict, task_type: str, index: int) -> dict[str, str]:
@@ -101,12 +112,12 @@ WITH_CHIEF = {"chief": ["127.0.0.1:3"], **WORKERS}
     (WITH_CHIEF, "chief", 0, True, "backup"),
     (WITH_CHIEF, "worker", 0, False, "backup-worker-0"),
 ])
-def test_the_chief_is_task_chief_or_worker_0(mgpu: ModuleType, cluster: dict, task_type: str,
-                                             index: int, chief: bool, backup: str) -> None:
-    task = mgpu.read_tf_config(_tf_config(cluster, task_type, index))
+def test_the_chief_is_task_chief_or_worker_0(cluster: dict, task_type: str, index: int, chief: bool,
+                                             backup: str) -> None:
+    task = tf_cluster(_tf_config(cluster, task_type, index))
     assert task.is_chief is chief
     assert task.backup_dir_name == backup
-    assert task.n_workers == len(cluster.get("chief", [])) + 2
+    assert task.size == len(cluster.get("chief", [])) + 2
 
 
 @pytest.mark.parametrize(("environ", "message"), [
@@ -116,14 +127,14 @@ def test_the_chief_is_task_chief_or_worker_0(mgpu: ModuleType, cluster: dict, ta
     (_tf_config(WORKERS, "worker", 2), "is not in the cluster"),
     (_tf_config(WORKERS, "evaluator", 0), "is not in the cluster"),
 ])
-def test_bad_tf_config(mgpu: ModuleType, environ: dict, message: str) -> None:
-    with pytest.raises(mgpu.UserError, match=message):
-        mgpu.read_tf_config(environ)
+def test_bad_tf_config(environ: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        tf_cluster(environ)
 
 
-def test_no_tf_config_means_one_machine(mgpu: ModuleType) -> None:
-    assert mgpu.read_tf_config({}) is None
-    assert mgpu.read_tf_config({"TF_CONFIG": " "}) is None
+def test_no_tf_config_means_one_machine() -> None:
+    assert tf_cluster({}) is None
+    assert tf_cluster({"TF_CONFIG": " "}) is None
 
 
 def test_too_many_gpus_lists_the_visible_ones(mgpu: ModuleType, monkeypatch: pytest.MonkeyPatch,
@@ -133,9 +144,9 @@ def test_too_many_gpus_lists_the_visible_ones(mgpu: ModuleType, monkeypatch: pyt
     fake = [argparse.Namespace(name=f"/physical_device:GPU:{i}") for i in range(2)]
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: fake)
     args = mgpu.build_parser().parse_args(["--gpus", "3", "--save_dir", str(tmp_path)])
-    with pytest.raises(mgpu.UserError, match=r"--gpus 3: only 2 GPU\(s\) are visible "
-                                             r"\(/physical_device:GPU:0, /physical_device:GPU:1\)"):
-        mgpu.configure_devices(args, multi_worker=False)
+    with pytest.raises(UserError, match=r"--gpus 3: only 2 GPU\(s\) are visible "
+                                        r"\(/physical_device:GPU:0, /physical_device:GPU:1\)"):
+        tf_distribute.configure_devices(args.cpu, args.gpus, multi_worker=False)
 
 
 def test_more_gpus_than_visible_is_one_line_exit_2(tmp_path: Path) -> None:
@@ -471,8 +482,8 @@ def test_a_lost_worker_stops_the_other_with_one_line(workers_run: dict[str, Any]
     assert workers_run["first_codes"][0] == 1, _logs(logs)
     error_lines = [line for line in logs[0].splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1, _logs(logs)
-    assert error_lines[0].startswith("error: worker 0 lost contact with the cluster ("), error_lines[0]
-    assert "restart every worker with the same flags" in error_lines[0]
+    assert error_lines[0].startswith("error: worker 0 lost contact with the other workers ("), error_lines[0]
+    assert "rerun every worker with the same flags" in error_lines[0]
     assert "Traceback" not in logs[0]
     assert workers_run["backup_epochs"] == [1, 1]  # both had completed the first epoch
 
@@ -510,10 +521,8 @@ if __name__ == "__main__":
     (2, 3, [1, 2], 2),  # another worker is ahead: nothing to do here
     (1, 0, [1], 0),  # another worker has no backup yet: everyone starts over
 ])
-def test_workers_agree_on_the_resume_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           mine: int, theirs: int, kept: list[int],
+def test_workers_agree_on_the_resume_epoch(tmp_path: Path, mine: int, theirs: int, kept: list[int],
                                            resumes_after: int) -> None:
-    module = load_script()
     backup = tmp_path / "backup"
     backup.mkdir()
     for epoch in kept:  # the files a Trainer leaves: weights and state of the last two epochs
@@ -521,23 +530,20 @@ def test_workers_agree_on_the_resume_epoch(tmp_path: Path, monkeypatch: pytest.M
         (backup / f"epoch-{epoch:04d}.json").write_text(json.dumps({"epoch": epoch}))
     Backup(backup).roll_back(mine)
 
-    def two_workers(strategy: Any, values: list[int]) -> list[int]:
+    def two_workers(values: list[int]) -> list[int]:
         return [v + int(e == theirs) for e, v in enumerate(values)]
 
-    monkeypatch.setattr(module, "sum_over_workers", two_workers)
-    module.agree_on_resume_point(strategy=None, backup_dir=backup, epochs=5)
+    flow.agree_on_resume_point(backup, 5, two_workers, peer="worker")
     assert Backup(backup).latest_epoch() == resumes_after
 
 
-def test_workers_too_far_apart_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    module = load_script()
+def test_workers_too_far_apart_are_refused(tmp_path: Path) -> None:
     backup = tmp_path / "backup"
     backup.mkdir()
     for epoch in (3, 4):
         (backup / f"epoch-{epoch:04d}.npz").write_bytes(b"")
         (backup / f"epoch-{epoch:04d}.json").write_text(json.dumps({"epoch": epoch}))
     Backup(backup).roll_back(4)
-    monkeypatch.setattr(module, "sum_over_workers",
-                        lambda strategy, values: [v + int(e == 2) for e, v in enumerate(values)])
-    with pytest.raises(module.UserError, match="ends after epoch 4, another worker's after epoch 2"):
-        module.agree_on_resume_point(strategy=None, backup_dir=backup, epochs=5)
+    with pytest.raises(UserError, match="ends after epoch 4, another worker's after epoch 2"):
+        flow.agree_on_resume_point(backup, 5, lambda values: [v + int(e == 2) for e, v in enumerate(values)],
+                                   peer="worker")

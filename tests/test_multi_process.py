@@ -34,7 +34,7 @@ from test_multi_gpu import free_ports, kill_after_first_epoch, printed_accuracy,
 
 from capsnet import errors
 from capsnet.backup import Backup
-from capsnet.distributed import jax_distributed, torch_distributed
+from capsnet.distributed.cluster import Cluster, jax_cluster, torch_cluster
 
 FLAGS = ["--epochs", "2", "--batch_size", "10", "--seed", "4", "-r", "1", "--lr", "0.005"]
 TIMEOUT_S = 300
@@ -180,23 +180,25 @@ def test_without_the_gradient_all_reduce_the_log_differs(data: Path, one_process
 
 
 def test_jax_processes_from_the_standard_variables() -> None:
-    assert jax_distributed.read_env({}) is None
-    cluster = jax_distributed.read_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "3",
-                                        "JAX_PROCESS_ID": "2"})
-    assert cluster == jax_distributed.Cluster("10.0.0.1:1234", 3, 2)
+    assert jax_cluster({}) is None
+    cluster = jax_cluster({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "3",
+                           "JAX_PROCESS_ID": "2"})
+    assert isinstance(cluster, Cluster)
+    assert (cluster.coordinator, cluster.size, cluster.rank) == ("10.0.0.1:1234", 3, 2)
     assert not cluster.is_chief and cluster.backup_dir_name == "backup-process-2"
-    assert jax_distributed.read_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
-                                     "JAX_PROCESS_ID": "0"}).backup_dir_name == "backup"
-    with pytest.raises(errors.UserError, match="also needs JAX_NUM_PROCESSES"):
-        jax_distributed.read_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "0"})
+    assert jax_cluster({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
+                        "JAX_PROCESS_ID": "0"}).backup_dir_name == "backup"
+    with pytest.raises(errors.UserError, match=r"JAX_NUM_PROCESSES is not set \(JAX_COORDINATOR_ADDRESS and "
+                                               r"JAX_PROCESS_ID are\)"):
+        jax_cluster({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "0"})
     with pytest.raises(errors.UserError, match=r"JAX_PROCESS_ID 2: must be in \[0, JAX_NUM_PROCESSES = 2\)"):
-        jax_distributed.read_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
-                                  "JAX_PROCESS_ID": "2"})
+        jax_cluster({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"})
 
 
 def test_torchrun_is_recognised_by_its_variables() -> None:
-    assert torch_distributed.launched_by_torchrun({"WORLD_SIZE": "2", "RANK": "1"})
-    assert not torch_distributed.launched_by_torchrun({"MASTER_ADDR": "h"})
+    with pytest.raises(errors.UserError, match="LOCAL_RANK, MASTER_ADDR and MASTER_PORT are not set"):
+        torch_cluster({"WORLD_SIZE": "2", "RANK": "1"})  # a group, but not all of its variables
+    assert torch_cluster({"MASTER_ADDR": "h"}) is None  # a scheduler's default, not a group
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 optimizer turned into the identity: each replica then applies the gradient of its own slice of the
 batch only. The control of tests/test_multi_gpu.py, whose log must differ from a one-device run's.
 On `KERAS_BACKEND=torch` the same is done to `backends.TorchSteps`, and on JAX across processes each
-process trains alone on its share of each batch (tests/test_torch_distributed.py, test_jax_distributed.py).
+process trains alone on its share of each batch (tests/test_multi_process.py).
 
 Usage: python tests/without_all_reduce.py capsulenet-multi-gpu.py --cpu --gpus 2 ...
 """
@@ -22,20 +22,18 @@ if __name__ == "__main__":
 
         backends.TorchSteps._all_reduce = lambda self, grads: grads
     elif keras.backend.backend() == "jax":
-        # Multi-host JAX (jax_distributed.py): each process trains alone on its own devices and its
-        # own share of every batch, as replicas that never exchange their gradients (nor the sums).
+        # Multi-process JAX (capsnet/distributed/jax_distributed.py): each process trains alone on its
+        # own devices and its own share of every batch, as replicas that never exchange their gradients
+        # (nor the sums).
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         import numpy as np
 
         from capsnet import backends
         from capsnet.distributed import jax_distributed
 
-        join = jax_distributed.join
-
-        def local_join(cluster: object, cpu: bool, gpus: int) -> list:
+        def local_devices() -> list:
             import jax
 
-            join(cluster, cpu, gpus)
             return jax.local_devices()
 
         def own_share(train: object) -> object:
@@ -46,7 +44,7 @@ if __name__ == "__main__":
                                      for a in batch))
             return step
 
-        jax_distributed.join = local_join
+        jax_distributed.JaxEngine.all_devices = staticmethod(local_devices)
         backends.JaxSteps.train = own_share(backends.JaxSteps.train)
     else:
         from keras.src.backend.tensorflow import optimizer as tf_optimizer

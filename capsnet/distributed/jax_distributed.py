@@ -1,173 +1,141 @@
-"""Multi-host training on the JAX backend: processes joined by `jax.distributed.initialize`.
+"""Data-parallel training on the JAX backend: `keras.distribution.DataParallel`, over several processes
+joined by `jax.distributed`.
 
-`capsulenet-multi-gpu.py` on `KERAS_BACKEND=jax` comes here when `JAX_COORDINATOR_ADDRESS` is set.
-Every process runs the same command with three standard variables:
-
-- `JAX_COORDINATOR_ADDRESS`: `host:port` where process 0 serves JAX's coordination service (JAX reads
-  this one itself);
-- `JAX_NUM_PROCESSES`: how many processes in all;
-- `JAX_PROCESS_ID`: this process, 0 to `JAX_NUM_PROCESSES - 1` (0 is the chief).
-
-Each process contributes its `--gpus` GPUs (or with `--cpu` as many CPU devices, whose collectives then
-run over gloo); `keras.distribution.DataParallel` spans every process's devices, so each global batch is
-sharded over all of them and XLA all-reduces the gradients across the machines. Every process reads the
-same data and draws the same batches (all take the chief's `--seed`); only the chief writes logs,
-checkpoints and the test; each keeps its own backup (`save_dir/backup`, `save_dir/backup-process-P`),
-and all agree on the epoch to resume from.
+- One machine: the first `--gpus` GPUs (or `--cpu`: as many CPU devices split from the processor);
+  each batch is sharded over them and XLA all-reduces the gradients.
+- Several processes (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`): each process
+  contributes its `--gpus` GPUs (or with `--cpu` as many CPU devices, whose collectives then run over
+  gloo); the distribution spans every process's devices, so each global batch is sharded over all of
+  them. `JaxEngine` is the adapter for `flow.train`.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from capsnet.backup import agree_on_resume_point as agree_on_backups
+from capsnet.distributed.cluster import Cluster
 from capsnet.errors import UserError
 
-ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 # A peer that stops sending heartbeats for this long fails the others (JAX's default is minutes).
 HEARTBEAT_TIMEOUT_S = 20
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """This process's place among the JAX processes."""
-
-    coordinator: str
-    processes: int
-    process_id: int
-
-    @property
-    def is_chief(self) -> bool:
-        return self.process_id == 0
-
-    @property
-    def backup_dir_name(self) -> str:
-        return "backup" if self.is_chief else f"backup-process-{self.process_id}"
-
-
-def read_env(environ: Mapping[str, str] = os.environ) -> Cluster | None:
-    """The cluster the standard variables describe; None when `JAX_COORDINATOR_ADDRESS` is unset.
-
-    Raises:
-        UserError: a variable is missing or out of range.
-    """
-    coordinator = environ.get("JAX_COORDINATOR_ADDRESS", "").strip()
-    if not coordinator:
-        return None
-    try:
-        processes, process_id = int(environ["JAX_NUM_PROCESSES"]), int(environ["JAX_PROCESS_ID"])
-    except (KeyError, ValueError) as e:
-        raise UserError("JAX_COORDINATOR_ADDRESS is set: multi-host JAX also needs JAX_NUM_PROCESSES "
-                        "(processes in all) and JAX_PROCESS_ID (this one, from 0) as integers") from e
-    if processes < 1 or not 0 <= process_id < processes:
-        raise UserError(f"JAX_PROCESS_ID {process_id}: must be in [0, JAX_NUM_PROCESSES = {processes})")
-    return Cluster(coordinator, processes, process_id)
-
-
-def join(cluster: Cluster, cpu: bool, gpus: int) -> list[Any]:
-    """Joins the processes (before JAX initialises its devices) and returns every process's devices.
-
-    With `cpu`, each process has `gpus` CPU devices and the collectives run over gloo.
-
-    Raises:
-        UserError: on GPUs, this process sees fewer than `gpus` devices.
-    """
-    import jax
-
-    if cpu:
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", gpus)
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(cluster.coordinator, cluster.processes, cluster.process_id,
-                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
-    if not cpu and len(jax.local_devices()) < gpus:
-        raise UserError(f"--gpus {gpus}: process {cluster.process_id} sees {len(jax.local_devices())} "
-                        "device(s); ask for fewer")
-    # Every process's devices (on GPUs all those each process sees: limit them with
-    # CUDA_VISIBLE_DEVICES or JAX_LOCAL_DEVICE_IDS).
-    return jax.devices()
-
-
-def agree_on_seed(cluster: Cluster, seed: int | None) -> int:
-    """The chief's `--seed` (drawn when absent) on every process."""
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    if seed is None:
-        seed = int(np.random.default_rng().integers(2**31))
-    return int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
-
-
-def agree_on_resume_point(cluster: Cluster, backup_dir: Path, epochs: int) -> None:
-    """Every process resumes after the same epoch, the earliest any backed up."""
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    agree_on_backups(
-        backup_dir, epochs, lambda latest: int(np.min(multihost_utils.process_allgather(np.int32(latest)))))
-
-
+# Everyone has met before `initialize` (`rendezvous.meet`): this only bounds a peer that dies between.
+INITIALIZATION_TIMEOUT_S = 120
 # What a failed collective says (JAX raises it as XlaRuntimeError / JaxRuntimeError from a step, as
 # ValueError from `device_put` onto other processes' devices, ...): gloo's closed connection, or the
 # coordination service's verdict.
 LOST_PEER_SIGNS = ("Gloo", "Connection closed", "heartbeat", "UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
-def lost_peer(error: Exception) -> bool:
+def use_cpu(devices: int) -> None:
+    """Makes JAX compute on `devices` CPU devices; must run before JAX initialises."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", devices)
+
+
+def local_devices(cpu: bool, gpus: int) -> list[Any]:
+    """This machine's devices to train on: the first `gpus` GPUs, or with `cpu` as many CPU devices.
+
+    Raises:
+        UserError: more GPUs are asked for than are visible, or JAX was initialised already.
+    """
+    import jax
+
+    try:
+        if cpu:
+            use_cpu(gpus)
+            return jax.devices("cpu")[:gpus]
+        visible = [d for d in jax.devices() if d.platform == "gpu"]
+    except RuntimeError as e:  # JAX was initialised earlier in this process
+        raise UserError(f"--gpus/--cpu: devices can no longer be configured ({e})") from e
+    if gpus > len(visible):
+        seen = (f"only {len(visible)} GPU(s) are visible ({', '.join(str(g) for g in visible)})"
+                if visible else "no GPU is visible")
+        raise UserError(f"--gpus {gpus}: {seen}; ask for fewer, or add --cpu to train on {gpus} CPU devices")
+    return visible[:gpus]
+
+
+def check_batch(batch_size: int, devices: int, where: str = "") -> None:
+    """Each device takes an equal share of the global batch."""
+    if batch_size % devices:
+        raise UserError(f"--batch_size {batch_size}: must be a multiple of the number of devices "
+                        f"({devices}{where}) on the JAX backend; each takes an equal share")
+
+
+@contextlib.contextmanager
+def data_parallel(devices: list[Any]) -> Iterator[None]:
+    """Keras' `DataParallel` distribution over `devices` while the block runs."""
+    import keras
+
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(None)
+
+
+def lost_peer(error: BaseException) -> bool:
     """Whether `error` is a collective that failed because another process is gone."""
-    if isinstance(error, UserError):
-        return False
     return (type(error).__name__ in ("XlaRuntimeError", "JaxRuntimeError")
             or any(sign in str(error) for sign in LOST_PEER_SIGNS))
 
 
-def train(cluster: Cluster, *, cpu: bool, gpus: int, batch_size: int, save_dir: str, seed: int | None,
-          epochs: int, run: Callable[[int, bool, str], None], test_alone: Callable[[], None]) -> None:
-    """Trains data-parallel over every process's devices, then the chief tests on one device.
+class JaxEngine:
+    """`flow.Engine` for `jax.distributed`."""
 
-    Args:
-        cluster: from `read_env`.
-        cpu, gpus: this process' devices (`join`); batch_size: the global batch, a multiple of
-            the device count; save_dir: where the backups go; seed: this process' `--seed` (the chief's
-            wins); epochs: the run's length (the resume point is agreed against it).
-        run: trains with `(seed, is_chief, backup_dir)` (the script's `capsulenet.run`);
-        test_alone: the chief's one-device test after training.
-    """
-    import keras
-    from jax.experimental import multihost_utils
+    def __init__(self, cluster: Cluster, cpu: bool, gpus: int) -> None:
+        self.cluster, self.cpu, self.gpus = cluster, cpu, gpus
+        self.devices: list[Any] = []
 
-    devices = join(cluster, cpu, gpus)
-    if batch_size % len(devices):
-        raise UserError(f"--batch_size {batch_size}: must be a multiple of the number of devices "
-                        f"({len(devices)} over {cluster.processes} processes) on the JAX backend")
-    backup_dir = Path(save_dir) / cluster.backup_dir_name
-    try:
-        seed = agree_on_seed(cluster, seed)
-        agree_on_resume_point(cluster, backup_dir, epochs)
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-        if cluster.is_chief:
-            print(f"Data-parallel on {len(devices)} replica(s) over {cluster.processes} processes "
-                  f"(jax.distributed + keras.distribution.DataParallel; coordinator "
-                  f"{cluster.coordinator})")
-        run(seed, cluster.is_chief, str(backup_dir))
-        keras.distribution.set_distribution(None)
-        if cluster.is_chief:
-            test_alone()
-        multihost_utils.sync_global_devices("capsnet: done")  # leave together
-    except Exception as e:
-        if not lost_peer(e):
-            raise
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        print(f"error: process {cluster.process_id} lost contact with the other processes ({reason}); "
-              f"rerun every process with the same flags to resume from the last completed epoch "
-              f"(state in {backup_dir})", file=sys.stderr)
-        # Not SystemExit: at exit JAX's own shutdown barrier would wait for the lost peer, then abort
-        # the process with a C++ stack trace. The backups are already on disk.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+    def join(self) -> None:
+        """Joins the processes (before JAX initialises its devices).
+
+        Raises:
+            UserError: on GPUs, this process sees fewer than `gpus` devices.
+        """
+        import jax
+
+        if self.cpu:
+            use_cpu(self.gpus)
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        cluster = self.cluster
+        jax.distributed.initialize(cluster.coordinator, cluster.size, cluster.rank,
+                                   initialization_timeout=INITIALIZATION_TIMEOUT_S,
+                                   heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+        if not self.cpu and len(jax.local_devices()) < self.gpus:
+            raise UserError(f"--gpus {self.gpus}: {cluster.name} sees {len(jax.local_devices())} "
+                            "device(s); ask for fewer")
+        self.devices = self.all_devices()
+
+    @staticmethod
+    def all_devices() -> list[Any]:
+        """Every process's devices (on GPUs all those each process sees: limit them with
+        CUDA_VISIBLE_DEVICES or JAX_LOCAL_DEVICE_IDS)."""
+        import jax
+
+        return jax.devices()
+
+    def sum(self, values: Sequence[int]) -> list[int]:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        # int32: JAX computes in 32 bits by default (seeds are drawn below 2**31).
+        gathered = multihost_utils.process_allgather(np.asarray(values, np.int32))
+        return [int(v) for v in np.asarray(gathered).reshape(-1, len(values)).sum(axis=0)]
+
+    def lost_peer(self, error: BaseException) -> bool:
+        return lost_peer(error)
+
+    def check_batch(self, batch_size: int) -> None:
+        check_batch(batch_size, len(self.devices), f" over {self.cluster.size} processes")
+
+    def describe(self) -> str:
+        return (f"Data-parallel on {len(self.devices)} replica(s) over {self.cluster.size} processes "
+                "(jax.distributed + keras.distribution.DataParallel; coordinator "
+                f"{self.cluster.coordinator})")
+
+    def training(self) -> contextlib.AbstractContextManager:
+        return data_parallel(self.devices)
