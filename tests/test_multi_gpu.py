@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import child_env, describe, run_script, start_script
+from conftest import child_env, describe, printed_accuracy, run_script, start_script
 
 from capsnet.backup import Backup
 from capsnet.distributed import flow, tf_distribute
@@ -55,13 +55,6 @@ def load_script() -> ModuleType:
 
 def run_mgpu(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return run_script("capsulenet-multi-gpu.py", *args, timeout=timeout)
-
-
-def printed_accuracy(output: str) -> float:
-    """The `Test acc: X` a run printed."""
-    found = re.findall(r"Test acc: ([0-9.]+)", output)
-    assert found, output[-3000:]
-    return float(found[-1])
 
 
 def free_ports(n: int) -> list[int]:

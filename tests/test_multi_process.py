@@ -19,7 +19,6 @@ that is not installed is skipped.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -29,8 +28,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import child_env, describe, run_script, save_npz, start_script, synthetic_raw
-from test_multi_gpu import free_ports, kill_after_first_epoch, printed_accuracy, wait_all
+from conftest import (
+    child_env,
+    describe,
+    printed_accuracy,
+    require_backend,
+    run_script,
+    save_npz,
+    start_script,
+    synthetic_raw,
+)
+from test_multi_gpu import free_ports, kill_after_first_epoch, wait_all
 
 from capsnet import errors
 from capsnet.backup import Backup
@@ -64,8 +72,7 @@ def process_env(backend: str, rank: int, port: int) -> dict[str, str]:
 @pytest.fixture(scope="module", params=list(BACKENDS))
 def data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The data, in a folder of the backend's name (which the other fixtures read)."""
-    if importlib.util.find_spec(request.param) is None:
-        pytest.skip(f"{request.param} is not installed")
+    require_backend(request.param)
     return save_npz(tmp_path_factory.mktemp(request.param) / "data.npz", synthetic_raw(40, 10, seed=3))
 
 
@@ -205,8 +212,7 @@ def test_torchrun_is_recognised_by_its_variables() -> None:
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_tf_config_is_refused_on_jax_and_torch_in_one_line(backend: str, tmp_path: Path) -> None:
     """TF_CONFIG is TensorFlow's: the other backends name their own variables (before any device)."""
-    if importlib.util.find_spec(backend) is None:
-        pytest.skip(f"{backend} is not installed")
+    require_backend(backend)
     config = json.dumps({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}})
     result = run_script("capsulenet-multi-gpu.py", "--cpu", "--save_dir", str(tmp_path),
                         env={**child_env(KERAS_BACKEND=backend), "TF_CONFIG": config}, timeout=TIMEOUT_S)

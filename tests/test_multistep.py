@@ -10,14 +10,13 @@ the random generator's state must advance through the K-step call as through K s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import child_env, describe, run_script
+from conftest import child_env, describe, require_backend, run_script
 
 LOG_COLUMNS = ["epoch", "loss", "capsnet_loss", "decoder_loss", "capsnet_accuracy", "val_loss",
                "val_capsnet_loss", "val_decoder_loss", "val_capsnet_accuracy", "learning_rate"]
@@ -30,8 +29,7 @@ def test_k_steps_per_call_log_the_same_as_one_step_per_call(backend: str, replic
                                                             tmp_path: Path) -> None:
     """Also data-parallel over two CPU devices (TensorFlow's `MirroredStrategy`, JAX's `DataParallel`):
     the stacked batches are split along their batch axis, not the step axis."""
-    if importlib.util.find_spec(backend) is None:
-        pytest.skip(f"{backend} is not installed (pip install -r requirements/{backend}.txt)")
+    require_backend(backend)
     env = child_env(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
                     XLA_FLAGS=f"--xla_force_host_platform_device_count={replicas}")
     result = run_script("tests/multistep_run.py", str(tmp_path), "--replicas", str(replicas), env=env,
